@@ -1,0 +1,69 @@
+"""PreAct ResNet-18 for 32x32 inputs, as used by DivideMix on CIFAR.
+
+The residual path keeps the original code's quirk: when a block's shape is unchanged the shortcut adds the
+pre-activated tensor relu(bn1(x)), not x itself.
+"""
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (two 3x3 convolutions)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        """Build the block; a 1x1 convolution shortcut is used only when the shape changes."""
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_planes != planes * self.expansion:
+            self.shortcut = nn.Conv2d(in_planes, planes * self.expansion, kernel_size=1, stride=stride, bias=False)
+
+    def forward(self, x):
+        """Return conv2(relu(bn2(conv1(o)))) + shortcut(o) with o = relu(bn1(x))."""
+        o = F.relu(self.bn1(x))
+        # The original adds o (not x) on the identity path; reproduced on purpose.
+        shortcut = self.shortcut(o) if self.shortcut is not None else o
+        out = self.conv1(o)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Stem conv-BN-ReLU, four stages of PreAct blocks, 4x4 average pool, linear head."""
+
+    def __init__(self, block, num_blocks, num_classes=10):
+        """Build the network for 32x32 RGB inputs."""
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
+        self.linear = nn.Linear(512 * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, num_blocks, stride):
+        """Stack num_blocks blocks, the first with the given stride."""
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        """Return class logits for a batch of normalised 32x32 images."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.flatten(1))
+
+
+def ResNet18(num_classes=10):
+    """PreAct ResNet-18 (two blocks per stage)."""
+    return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes=num_classes)

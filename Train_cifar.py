@@ -1,0 +1,288 @@
+"""DivideMix on CIFAR-10/100 with synthetic label noise.
+
+    python Train_cifar.py --data_path ./cifar-10 --r 0.5 --noise_mode sym
+
+Two PreAct ResNet-18s are warmed up on the noisy labels; then every epoch each net's per-sample losses are
+split by a two-component GMM into a labeled (clean) and an unlabeled (noisy) set for the OTHER net
+(co-divide), which trains on them with MixMatch, label co-refinement and co-guessing.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.optim as optim
+
+import dataloader_cifar
+from dividemix import (DivideMixConfig, co_divide, eval_train, evaluate, normalise_losses, set_learning_rate,
+                       train_epoch, warmup_epoch)
+from PreResNet import ResNet18
+from utils import (RunLogs, UserError, atomic_save, check_resume_args, get_rng_state, load_checkpoint, run_main,
+                   seed_everything, select_device, set_rng_state)
+
+# The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
+PAPER_PRESETS = {
+    ("cifar10", "sym", 0.2): {"lambda_u": 0, "p_threshold": 0.5},
+    ("cifar10", "sym", 0.5): {"lambda_u": 25, "p_threshold": 0.5},
+    ("cifar10", "sym", 0.8): {"lambda_u": 25, "p_threshold": 0.5},
+    ("cifar10", "sym", 0.9): {"lambda_u": 50, "p_threshold": 0.6},
+    ("cifar10", "asym", 0.4): {"lambda_u": 0, "p_threshold": 0.5},
+    ("cifar100", "sym", 0.2): {"lambda_u": 25, "p_threshold": 0.5},
+    ("cifar100", "sym", 0.5): {"lambda_u": 150, "p_threshold": 0.5},
+    ("cifar100", "sym", 0.8): {"lambda_u": 150, "p_threshold": 0.5},
+    ("cifar100", "sym", 0.9): {"lambda_u": 150, "p_threshold": 0.6},
+}
+ORIGINAL_DEFAULTS = {"lambda_u": 25, "p_threshold": 0.5}
+WARM_UP = {"cifar10": 10, "cifar100": 30}
+LR_DECAY_EPOCH = 150
+# Arguments that define a run: --resume refuses a checkpoint made with other values.
+DEFINING_ARGS = ("dataset", "r", "noise_mode", "seed", "batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T",
+                 "num_class", "warm_up", "loss_window")
+
+
+def get_args_parser():
+    """Command-line arguments: the original code's flags and defaults, plus the new ones."""
+    p = argparse.ArgumentParser(description="DivideMix on CIFAR-10/100", add_help=True)
+    p.add_argument("--batch_size", default=64, type=int, help="train batch size")
+    p.add_argument("--lr", "--learning_rate", default=0.02, type=float, dest="lr", help="initial learning rate")
+    p.add_argument("--noise_mode", default="sym", help="sym or asym")
+    p.add_argument("--alpha", default=4, type=float, help="parameter for Beta")
+    p.add_argument("--lambda_u", default=None, type=float, help="weight for unsupervised loss (default: preset)")
+    p.add_argument("--p_threshold", default=None, type=float, help="clean probability threshold (default: preset)")
+    p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
+    p.add_argument("--num_epochs", default=300, type=int, help="last epoch (epochs 0..num_epochs are run)")
+    p.add_argument("--r", default=0.5, type=float, help="noise ratio")
+    p.add_argument("--id", default="")
+    p.add_argument("--seed", default=123, type=int)
+    p.add_argument("--gpuid", default=0, type=int)
+    p.add_argument("--num_class", default=None, type=int, help="default: 10 or 100 from --dataset")
+    p.add_argument("--data_path", default="./cifar-10", type=str, help="folder holding the CIFAR python files")
+    p.add_argument("--dataset", default="cifar10", type=str, help="cifar10 or cifar100")
+    p.add_argument("--warm_up", default=None, type=int, help="warm-up epochs (default: 10 cifar10, 30 cifar100)")
+    p.add_argument("--loss_window", default=None, type=int,
+                   help="loss vectors averaged for the GMM (default: 5 at r = 0.9, else 1)")
+    p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs and checkpoint go here")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
+    p.add_argument("--save_loss_every", default=10, type=int,
+                   help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
+    p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
+    return p
+
+
+def resolve_settings(args):
+    """Validate the arguments and fill the preset-dependent ones; return {name: where its value came from}."""
+    dataloader_cifar.validate_setting(args.dataset, args.r, args.noise_mode)
+    for name in ("batch_size", "num_epochs", "eval_batch_size"):
+        if getattr(args, name) < (0 if name == "num_epochs" else 1):
+            raise UserError(f"--{name} {getattr(args, name)} is not allowed: give a positive number")
+    sources = {}
+    preset = PAPER_PRESETS.get((args.dataset, args.noise_mode, round(args.r, 2)))
+    for name in ("lambda_u", "p_threshold"):
+        if getattr(args, name) is not None:
+            sources[name] = "flag"
+        elif preset is not None:
+            setattr(args, name, preset[name])
+            sources[name] = "paper preset"
+        else:
+            setattr(args, name, ORIGINAL_DEFAULTS[name])
+            sources[name] = "original-code default (no paper preset for this setting)"
+    derived = {"num_class": dataloader_cifar.NUM_CLASSES[args.dataset], "warm_up": WARM_UP[args.dataset],
+               "loss_window": 5 if round(args.r, 2) == 0.9 else 1}
+    for name, value in derived.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+            sources[name] = f"from --dataset {args.dataset}" if name != "loss_window" else "paper preset"
+        else:
+            sources[name] = "flag"
+    if args.num_class < dataloader_cifar.NUM_CLASSES[args.dataset]:
+        raise UserError(f"--num_class {args.num_class} is below the {dataloader_cifar.NUM_CLASSES[args.dataset]} "
+                        f"classes of {args.dataset}: drop the flag, it follows --dataset")
+    if args.loss_window < 1:
+        raise UserError("--loss_window must be at least 1")
+    return sources
+
+
+def create_model(num_class, device):
+    """A PreAct ResNet-18 on the training device."""
+    return ResNet18(num_classes=num_class).to(device)
+
+
+def create_optimizer(net, lr):
+    """SGD with momentum 0.9 and weight decay 5e-4, as in the paper."""
+    return optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def _json_safe(value):
+    """NaN and infinities become null so every log line is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs, loss_dir):
+    """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records."""
+    timing, divisions = {}, []
+    eval_loader = data.eval_loader(args.eval_batch_size)
+    for k, net in enumerate(nets):
+        t0 = time.perf_counter()
+        losses = eval_train(net, eval_loader, device)
+        histories[k].append(normalise_losses(losses))
+        del histories[k][:-cfg.loss_window]  # only the averaged window is ever read
+        t1 = time.perf_counter()
+        divisions.append(co_divide(histories[k], cfg.p_threshold, cfg.loss_window, data.clean_mask))
+        timing[f"eval{k + 1}"], timing[f"gmm{k + 1}"] = t1 - t0, time.perf_counter() - t1
+
+    records = [dict(d[3]) for d in divisions]
+    for k in (1, 0):  # the original logs net2's division first: it is the one net1 trains on
+        logs.write("stats", "Numer of labeled samples:%d   AUC:%.3f\n" % (records[k]["labeled"], records[k]["auc"]))
+
+    if loss_dir and args.save_loss_every and ((epoch - cfg.warm_up) % args.save_loss_every == 0
+                                              or epoch == args.num_epochs):
+        save_division(os.path.join(loss_dir, "epoch_%03d.npz" % epoch), divisions, data.clean_mask, cfg.p_threshold)
+
+    for k, net in enumerate(nets):
+        other = 1 - k
+        prob = divisions[other][0]  # co-divide: net k learns from the other net's division
+        pred = prob > cfg.p_threshold
+        labeled = data.labeled_loader(pred, prob, args.batch_size)
+        unlabeled = data.unlabeled_loader(pred, args.batch_size)
+        if labeled.num_samples == 0:
+            print(f"net{k + 1}: net{other + 1}'s division labels no sample; net{k + 1} is not trained this epoch")
+        elif unlabeled is None:
+            print(f"net{k + 1}: net{other + 1}'s division leaves no unlabeled sample; MixMatch over labeled rows only")
+        t0 = time.perf_counter()
+        result = train_epoch(epoch, net, nets[other], optimizers[k], labeled, unlabeled, cfg, device,
+                             desc=f"epoch {epoch} net{k + 1}")
+        timing[f"train{k + 1}"] = time.perf_counter() - t0
+        records[k].update(result)
+        records[k]["gmm"] = {"means": divisions[k][2].means_.ravel().tolist(),
+                             "vars": divisions[k][2].covariances_.ravel().tolist(),
+                             "weights": divisions[k][2].weights_.ravel().tolist()}
+    return records, timing
+
+
+def save_division(path, divisions, clean_mask, p_threshold):
+    """Per-sample GMM inputs and clean probabilities of both nets, with the fitted GMMs (for plots)."""
+    arrays = {"clean": np.asarray(clean_mask, dtype=bool), "p_threshold": np.float64(p_threshold)}
+    for k, (prob, input_loss, gmm, _) in enumerate(divisions, 1):
+        arrays.update({f"loss{k}": input_loss.numpy().astype(np.float32), f"prob{k}": prob.astype(np.float32),
+                       f"gmm{k}_means": gmm.means_.ravel(), f"gmm{k}_vars": gmm.covariances_.ravel(),
+                       f"gmm{k}_weights": gmm.weights_.ravel()})
+    np.savez_compressed(path, **arrays)
+
+
+def main(args):
+    """Set up, then run epochs start..num_epochs: warm-up or co-divide, test, log, checkpoint."""
+    # ---- settings ------------------------------------------------------------------------------------------
+    sources = resolve_settings(args)
+    prefix = "%s_%.1f_%s" % (args.dataset, args.r, args.noise_mode)
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    logs = RunLogs({"acc": os.path.join(out, prefix + "_acc.txt"), "stats": os.path.join(out, prefix + "_stats.txt"),
+                    "json": os.path.join(out, prefix + "_log.jsonl")})
+    ckpt_path = os.path.join(out, prefix + "_checkpoint.pth.tar")
+    loss_dir = os.path.join(out, prefix + "_losses")
+    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    resume = None
+    if args.resume:
+        path = ckpt_path if args.resume == "auto" else args.resume
+        if os.path.isdir(path):
+            path = os.path.join(path, prefix + "_checkpoint.pth.tar")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
+        resume = load_checkpoint(path)
+        check_resume_args(resume["args"], defining, DEFINING_ARGS)
+    elif logs.existing() or os.path.exists(ckpt_path):
+        raise UserError(f"{out} already holds a {prefix} run: pass --resume to continue it, or choose another "
+                        "--output_dir (nothing was overwritten)")
+    print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
+
+    # ---- data ----------------------------------------------------------------------------------------------
+    device = select_device(args.gpuid)
+    seed_everything(args.seed)
+    dataloader_cifar.ensure_data(args.data_path, args.dataset, args.download)
+    train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset)
+    if clean.max() >= args.num_class:
+        raise UserError(f"{args.data_path} has labels up to {clean.max()}, more than --num_class {args.num_class}")
+    noise_path = dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
+    noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
+                                                           args.num_class, args.seed)
+    data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device)
+    print(f"data: {len(data)} training images, {len(test_y)} test images on {device}; noise file {noise_path} "
+          f"({'written' if created else 'reused'}), {1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
+
+    # ---- models --------------------------------------------------------------------------------------------
+    nets = [create_model(args.num_class, device) for _ in range(2)]
+    optimizers = [create_optimizer(net, args.lr) for net in nets]
+    histories = [[], []]
+    cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
+                          p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=True,
+                          loss_window=args.loss_window)
+    start_epoch = 0
+    if resume is not None:
+        for k in range(2):
+            nets[k].load_state_dict(resume["nets"][k])
+            optimizers[k].load_state_dict(resume["optimizers"][k])
+            histories[k] = list(resume["histories"][k])
+        start_epoch = resume["epoch"] + 1
+        logs.resume(resume["log_sizes"])
+        set_rng_state(resume["rng"])
+        print(f"resumed from epoch {resume['epoch']}", flush=True)
+    else:
+        logs.start()
+    os.makedirs(loss_dir, exist_ok=True)
+    with open(os.path.join(out, prefix + "_config.json"), "w") as f:
+        json.dump({"args": vars(args), "sources": sources, "num_train": len(data), "device": str(device),
+                   "torch": torch.__version__, "script": "Train_cifar.py"}, f, indent=1)
+
+    # ---- epochs --------------------------------------------------------------------------------------------
+    test_loader = data.test_loader(args.eval_batch_size)
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        t_epoch = time.perf_counter()
+        lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
+        if epoch < args.warm_up:
+            phase, timing, records = "warmup", {}, []
+            warmup_loader = data.warmup_loader(args.batch_size * 2)
+            for k, net in enumerate(nets):
+                t0 = time.perf_counter()
+                loss = warmup_epoch(net, optimizers[k], warmup_loader, device, penalty=args.noise_mode == "asym",
+                                    desc=f"warm-up {epoch} net{k + 1}")
+                timing[f"warmup{k + 1}"] = time.perf_counter() - t0
+                records.append({"loss": loss})
+        else:
+            phase = "train"
+            records, timing = co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs,
+                                              loss_dir)
+        t0 = time.perf_counter()
+        acc = evaluate(nets, test_loader, device)[0]
+        timing["test"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t_epoch
+        logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))
+        logs.write_json("json", _json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
+                                            "net1": records[0], "net2": records[1], "seconds": seconds,
+                                            "time": timing}))
+        summary = f"epoch {epoch:3d} {phase:6s} test {acc:6.2f}%  lr {lr:g}  {seconds:.1f}s"
+        if phase == "train":
+            summary += "  labeled %d/%d  Lx %.3f/%.3f  Lu %.4f/%.4f" % (
+                records[0]["labeled"], records[1]["labeled"], records[0]["Lx"], records[1]["Lx"],
+                records[0]["Lu"], records[1]["Lu"])
+        print(summary, flush=True)
+        atomic_save({"epoch": epoch, "args": defining, "all_args": vars(args),
+                     "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
+                     "histories": histories, "rng": get_rng_state(), "log_sizes": logs.sizes()}, ckpt_path)
+    logs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))

@@ -1,0 +1,298 @@
+"""CIFAR-10/100 for DivideMix: the python-pickle format, noise injection and noise files, batched augmentation
+on the training device, and the loaders for warm-up, loss evaluation, labeled, unlabeled and test.
+
+Run as a command it writes a noise file without training:
+    python dataloader_cifar.py --dataset cifar10 --data_path D --r 0.5 --noise_mode sym --seed 123
+"""
+import argparse
+import json
+import os
+import pickle
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils import UserError, run_main
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+MEAN_STD = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
+}
+TRAIN_FILES = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)], "cifar100": ["train"]}
+TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
+LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
+ASYM_TRANSITION = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # truck->automobile, bird->airplane, deer->horse, cat<->dog
+NOISE_MODES = ("sym", "asym")
+
+
+# ----------------------------------------------------------------------------- files
+
+def missing_files(data_path, dataset):
+    """The CIFAR files of `dataset` absent from data_path."""
+    return [f for f in TRAIN_FILES[dataset] + TEST_FILES[dataset] if not os.path.isfile(os.path.join(data_path, f))]
+
+
+def download(data_path, dataset):
+    """Fetch the python-version CIFAR archive with torchvision (checksummed) and place its files in data_path."""
+    import torchvision  # only needed here
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[dataset]
+    os.makedirs(data_path, exist_ok=True)
+    try:
+        cls(root=data_path, train=True, download=True)
+    except Exception as exc:
+        raise UserError(f"could not download {dataset} ({type(exc).__name__}: {exc}); place "
+                        f"{', '.join(TRAIN_FILES[dataset] + TEST_FILES[dataset])} in {data_path} by hand") from exc
+    extracted = os.path.join(data_path, cls.base_folder)
+    for name in os.listdir(extracted):
+        target = os.path.join(data_path, name)
+        if not os.path.exists(target):
+            shutil.move(os.path.join(extracted, name), target)
+    shutil.rmtree(extracted, ignore_errors=True)
+    archive = os.path.join(data_path, cls.filename)
+    if os.path.exists(archive):
+        os.remove(archive)
+
+
+def ensure_data(data_path, dataset, allow_download):
+    """Check that the CIFAR files are present, downloading them when allowed; UserError otherwise."""
+    missing = missing_files(data_path, dataset)
+    if missing and allow_download:
+        download(data_path, dataset)
+        missing = missing_files(data_path, dataset)
+    if missing:
+        raise UserError(f"{data_path} lacks {', '.join(missing)} (the python version of {dataset}): point "
+                        f"--data_path at the folder holding {', '.join(TRAIN_FILES[dataset] + TEST_FILES[dataset])}"
+                        f" or pass --download")
+
+
+def _read_batch(path, label_key):
+    """Read one pickled CIFAR batch: (N x 3 x 32 x 32 uint8 array, label list)."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = list(entry[label_key])
+        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
+            raise ValueError(f"data {data.shape} with {len(labels)} labels")
+    except Exception as exc:
+        raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}): replace it with the "
+                        "original file (or delete it and pass --download)") from None
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar(data_path, dataset):
+    """Read train and test sets: (train_images N x 3 x 32 x 32 uint8, train_labels, test_images, test_labels)."""
+    parts = [_read_batch(os.path.join(data_path, f), LABEL_KEY[dataset]) for f in TRAIN_FILES[dataset]]
+    test = [_read_batch(os.path.join(data_path, f), LABEL_KEY[dataset]) for f in TEST_FILES[dataset]]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = [y for p in parts for y in p[1]]
+    test_x = np.concatenate([p[0] for p in test])
+    test_y = [y for p in test for y in p[1]]
+    return train_x, np.asarray(train_y, dtype=np.int64), test_x, np.asarray(test_y, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- noise
+
+def inject_noise(clean_labels, r, noise_mode, num_class, seed):
+    """The original code's noisy labels, bit for bit, in linear time.
+
+    Python's random seeded with `seed`, first use: shuffle range(N), the first int(r * N) indices are noisy;
+    then in index order each noisy label is redrawn uniformly over all classes (sym) or mapped through the
+    asymmetric class transition (asym).
+    """
+    if noise_mode not in NOISE_MODES:
+        raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
+    rng = random.Random(seed)
+    n = len(clean_labels)
+    idx = list(range(n))
+    rng.shuffle(idx)
+    noisy = np.zeros(n, dtype=bool)
+    noisy[idx[:int(r * n)]] = True
+    labels = [int(y) for y in clean_labels]
+    for i in np.flatnonzero(noisy).tolist():  # ascending, as the original's loop over i
+        if noise_mode == "sym":
+            labels[i] = rng.randint(0, num_class - 1)
+        else:
+            labels[i] = ASYM_TRANSITION.get(labels[i], labels[i])
+    return labels
+
+
+def noise_file_path(data_path, r, noise_mode):
+    """<data_path>/<r:.1f>_<noise_mode>.json, the original code's name."""
+    return os.path.join(data_path, "%.1f_%s.json" % (r, noise_mode))
+
+
+def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed):
+    """Read the noise file if it exists (validated), else inject noise and write it. Returns (labels, created)."""
+    n = len(clean_labels)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                labels = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"noise file {path} is not a JSON list ({exc}): delete it to regenerate") from None
+        if not isinstance(labels, list) or len(labels) != n:
+            size = len(labels) if isinstance(labels, list) else type(labels).__name__
+            raise UserError(f"noise file {path} has {size} labels but the training set has {n}: delete it to "
+                            "regenerate, or use the --data_path it was made for")
+        bad = [y for y in labels if not isinstance(y, int) or not 0 <= y < num_class]
+        if bad:
+            raise UserError(f"noise file {path} has labels outside 0..{num_class - 1} (e.g. {bad[0]!r}): it was "
+                            "made for another dataset; delete it to regenerate")
+        return labels, False
+    labels = inject_noise(clean_labels, r, noise_mode, num_class, seed)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(labels, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise UserError(f"cannot write noise file {path} ({exc}): make --data_path writable") from None
+    return labels, True
+
+
+# ----------------------------------------------------------------------------- batched augmentation
+
+def normalise(images, mean, std):
+    """uint8 N x 3 x H x W -> float, scaled to [0, 1] then normalised per channel."""
+    return (images.float().div_(255) - mean) / std
+
+
+def random_crop_flip(images, padding=4):
+    """Random crop of the zero-padded images back to their size, then horizontal flip with p = 0.5.
+
+    One gather per axis over the whole batch; the flip is folded into the column indices.
+    """
+    n, c, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    dev = images.device
+    oy = torch.randint(0, 2 * padding + 1, (n, 1), device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (n, 1), device=dev)
+    flip = torch.rand(n, 1, device=dev) < 0.5
+    ar_h = torch.arange(h, device=dev)
+    ar_w = torch.arange(w, device=dev)
+    rows = oy + ar_h
+    cols = ox + torch.where(flip, w - 1 - ar_w, ar_w)
+    out = padded.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * padding))
+    return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+class Batches:
+    """Batches over a subset of device-resident samples, shuffled or in order; `make(idx)` builds a batch."""
+
+    def __init__(self, make, indices, batch_size, shuffle):
+        """indices: 1-D long tensor on the data's device."""
+        self.make, self.indices, self.batch_size, self.shuffle = make, indices, batch_size, shuffle
+        self.num_samples = int(indices.numel())
+
+    def __len__(self):
+        """Number of batches (the last partial batch is kept)."""
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        """Yield the batches of one pass."""
+        order = self.indices
+        if self.shuffle:
+            order = order[torch.randperm(self.num_samples, device=order.device)]
+        for start in range(0, self.num_samples, self.batch_size):
+            yield self.make(order[start:start + self.batch_size])
+
+
+class CIFARData:
+    """The CIFAR training and test sets as tensors on the training device, with DivideMix's loaders."""
+
+    def __init__(self, train_images, noisy_labels, clean_labels, test_images, test_labels, dataset, device):
+        """Images uint8 N x 3 x 32 x 32 (numpy or tensor); labels sequences of ints."""
+        mean, std = MEAN_STD[dataset]
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.train_images = torch.as_tensor(train_images, dtype=torch.uint8).to(device)
+        self.noisy_labels = torch.as_tensor(noisy_labels, dtype=torch.long).to(device)
+        self.clean_labels = torch.as_tensor(clean_labels, dtype=torch.long)
+        self.clean_mask = (self.noisy_labels.cpu() == self.clean_labels).numpy()
+        self.test_images = torch.as_tensor(test_images, dtype=torch.uint8).to(device)
+        self.test_labels = torch.as_tensor(test_labels, dtype=torch.long).to(device)
+        self.all_indices = torch.arange(len(self.noisy_labels), device=device)
+
+    def __len__(self):
+        """Number of training images."""
+        return len(self.noisy_labels)
+
+    def augment(self, idx):
+        """Augmented, normalised training images at idx."""
+        return normalise(random_crop_flip(self.train_images[idx]), self.mean, self.std)
+
+    def plain(self, idx):
+        """Normalised training images at idx, no augmentation."""
+        return normalise(self.train_images[idx], self.mean, self.std)
+
+    def warmup_loader(self, batch_size):
+        """All training images, shuffled and augmented, with their noisy labels."""
+        return Batches(lambda i: (self.augment(i), self.noisy_labels[i]), self.all_indices, batch_size, True)
+
+    def eval_loader(self, batch_size):
+        """All training images in order, unaugmented, with their noisy labels (loss evaluation)."""
+        return Batches(lambda i: (self.plain(i), self.noisy_labels[i]), self.all_indices, batch_size, False)
+
+    def labeled_loader(self, pred, prob, batch_size):
+        """Images with pred True: two augmented views, noisy label and clean probability w."""
+        idx = torch.as_tensor(np.flatnonzero(pred), dtype=torch.long, device=self.device)
+        w = torch.as_tensor(np.asarray(prob), dtype=torch.float32, device=self.device)
+        make = lambda i: (self.augment(i), self.augment(i), self.noisy_labels[i], w[i])  # noqa: E731
+        return Batches(make, idx, batch_size, True)
+
+    def unlabeled_loader(self, pred, batch_size):
+        """Images with pred False: two augmented views; None when there are none."""
+        idx = torch.as_tensor(np.flatnonzero(~np.asarray(pred, dtype=bool)), dtype=torch.long, device=self.device)
+        if idx.numel() == 0:
+            return None
+        return Batches(lambda i: (self.augment(i), self.augment(i)), idx, batch_size, True)
+
+    def test_loader(self, batch_size):
+        """Test images in order, unaugmented, with their labels."""
+        make = lambda i: (normalise(self.test_images[i], self.mean, self.std), self.test_labels[i])  # noqa: E731
+        return Batches(make, torch.arange(len(self.test_labels), device=self.device), batch_size, False)
+
+
+# ----------------------------------------------------------------------------- command
+
+def get_args_parser():
+    """Arguments of the noise-file command."""
+    parser = argparse.ArgumentParser(description="Write a CIFAR noise file without training.")
+    parser.add_argument("--dataset", default="cifar10", type=str)
+    parser.add_argument("--data_path", default="./cifar-10", type=str)
+    parser.add_argument("--r", default=0.5, type=float, help="noise ratio")
+    parser.add_argument("--noise_mode", default="sym", type=str)
+    parser.add_argument("--seed", default=123, type=int)
+    parser.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if absent")
+    return parser
+
+
+def validate_setting(dataset, r, noise_mode):
+    """UserError for an unknown dataset or noise mode, or a noise ratio outside [0, 1]."""
+    if dataset not in NUM_CLASSES:
+        raise UserError(f"unknown --dataset {dataset!r}: use cifar10 or cifar100")
+    if noise_mode not in NOISE_MODES:
+        raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
+    if not 0.0 <= r <= 1.0:
+        raise UserError(f"--r {r} is outside [0, 1]: give the noise ratio as a fraction, e.g. --r 0.5")
+
+
+def main(args):
+    """Write (or reuse) <data_path>/<r>_<mode>.json and report the fraction of changed labels."""
+    validate_setting(args.dataset, args.r, args.noise_mode)
+    ensure_data(args.data_path, args.dataset, args.download)
+    _, clean, _, _ = read_cifar(args.data_path, args.dataset)
+    path = noise_file_path(args.data_path, args.r, args.noise_mode)
+    labels, created = load_or_create_noise(path, clean, args.r, args.noise_mode, NUM_CLASSES[args.dataset], args.seed)
+    changed = float(np.mean(np.asarray(labels) != clean))
+    print(f"{path} ({'written' if created else 'exists, kept'}): {changed:.4f} of {len(clean)} labels changed")
+
+
+if __name__ == "__main__":
+    run_main(main, get_args_parser().parse_args())

@@ -1,0 +1,280 @@
+"""The DivideMix algorithm, written once: warm-up, loss evaluation, GMM co-divide, co-refinement,
+co-guessing, MixMatch, evaluation.
+
+Every dataset script configures these functions through `DivideMixConfig` and hands them loaders; nothing
+here knows which dataset it trains on. Loaders yield tuples of tensors:
+  warm-up:    (images, labels)            eval:      (images, labels) in dataset order
+  labeled:    (x, x2, labels, w)          unlabeled: (u, u2)          test: (images, labels)
+A loader may expose `num_samples` (else len(loader.dataset) is used) and must expose `batch_size`.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from sklearn.mixture import GaussianMixture
+
+from utils import Progress
+
+
+@dataclass
+class DivideMixConfig:
+    """Hyperparameters and the per-dataset switches of SPEC section 4."""
+
+    num_class: int
+    alpha: float = 4.0
+    T: float = 0.5
+    lambda_u: float = 25.0
+    p_threshold: float = 0.5
+    warm_up: int = 10
+    rampup_length: int = 16
+    # CIFAR trains on all 2B + 2U mixed rows with Lx + lambda * Lu; Clothing1M and WebVision use only the
+    # first 2B mixed rows and no Lu.
+    unlabeled_loss: bool = True
+    # Number of past normalised loss vectors averaged as the GMM input (5 for CIFAR at 90% noise).
+    loss_window: int = 1
+
+
+# ----------------------------------------------------------------------------- formulas
+
+def sharpen(p, T):
+    """Temperature sharpening p**(1/T), renormalised over classes."""
+    pt = p ** (1.0 / T)
+    return pt / pt.sum(dim=1, keepdim=True)
+
+
+def linear_rampup(current, warm_up, lambda_u, rampup_length=16):
+    """lambda_u * clip((current - warm_up) / rampup_length, 0, 1); current = epoch + batch_idx / num_iter."""
+    return lambda_u * float(np.clip((current - warm_up) / rampup_length, 0.0, 1.0))
+
+
+def confidence_penalty(logits):
+    """Negative entropy mean(sum(p * log p)) used in warm-up against asymmetric noise and on Clothing1M."""
+    log_p = F.log_softmax(logits, dim=1)
+    return torch.mean(torch.sum(log_p.exp() * log_p, dim=1))
+
+
+def prior_penalty(logits, num_class):
+    """sum(prior * log(prior / mean softmax)) with a uniform prior: keeps predictions spread over classes."""
+    prior = torch.full((num_class,), 1.0 / num_class, device=logits.device, dtype=torch.float32)
+    pred_mean = torch.softmax(logits.float(), dim=1).mean(0)
+    return torch.sum(prior * torch.log(prior / pred_mean))
+
+
+def semi_loss(logits_x, targets_x, logits_u, targets_u):
+    """Lx: cross-entropy with soft targets; Lu: squared error of probabilities, mean over rows and classes."""
+    Lx = -torch.mean(torch.sum(F.log_softmax(logits_x, dim=1) * targets_x, dim=1))
+    if logits_u.shape[0] == 0:
+        return Lx, logits_x.new_zeros(())
+    Lu = torch.mean((torch.softmax(logits_u, dim=1) - targets_u) ** 2)
+    return Lx, Lu
+
+
+def normalise_losses(losses):
+    """Min-max normalise per-sample losses to [0, 1] (all zeros when every loss is equal)."""
+    lo, hi = losses.min(), losses.max()
+    if hi <= lo:
+        return torch.zeros_like(losses)
+    return (losses - lo) / (hi - lo)
+
+
+def gmm_input(history, window):
+    """The GMM's input: the mean of the last `window` normalised loss vectors of a net's history."""
+    return torch.stack(history[-window:]).mean(0)
+
+
+def fit_gmm(input_loss):
+    """Fit the paper's 2-component GMM; return (clean probability per sample, fitted model)."""
+    x = input_loss.reshape(-1, 1).double().cpu().numpy()
+    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4)
+    gmm.fit(x)
+    prob = gmm.predict_proba(x)[:, gmm.means_.argmin()]
+    return prob, gmm
+
+
+def division_stats(prob, p_threshold, clean=None):
+    """Labeled count and, when the true clean mask is known, AUC, precision and recall of the division."""
+    pred = prob > p_threshold
+    stats = {"labeled": int(pred.sum()), "unlabeled": int((~pred).sum())}
+    if clean is not None:
+        clean = np.asarray(clean, dtype=bool)
+        both = int((pred & clean).sum())
+        one_class = clean.all() or not clean.any()
+        stats["auc"] = float("nan") if one_class else float(roc_auc_score(clean, prob))
+        stats["precision"] = both / stats["labeled"] if stats["labeled"] else float("nan")
+        stats["recall"] = both / int(clean.sum()) if clean.any() else float("nan")
+    return stats
+
+
+def set_learning_rate(optimizer, base_lr, epoch, decay_epoch):
+    """The single step decay: lr / 10 from `decay_epoch` on. Returns the lr set."""
+    lr = base_lr / 10 if epoch >= decay_epoch else base_lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# ----------------------------------------------------------------------------- phases
+
+def _num_samples(loader):
+    """Number of samples behind a loader."""
+    n = getattr(loader, "num_samples", None)
+    return n if n is not None else len(loader.dataset)
+
+
+def warmup_epoch(net, optimizer, loader, device, penalty=False, desc="warm-up"):
+    """One pass of cross-entropy over the noisy labels (plus the confidence penalty when asked); mean loss."""
+    net.train()
+    total = torch.zeros((), device=device)
+    progress = Progress(desc, len(loader))
+    steps = 0
+    for steps, (inputs, labels) in enumerate(loader, 1):
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = net(inputs)
+        loss = F.cross_entropy(logits, labels)
+        if penalty:
+            loss = loss + confidence_penalty(logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        progress.update(steps, loss=loss.detach())
+    return float(total) / max(steps, 1)
+
+
+@torch.no_grad()
+def eval_train(net, loader, device):
+    """Per-sample cross-entropy of every training image in loader order (eval mode, no augmentation)."""
+    net.eval()
+    losses = []
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        losses.append(F.cross_entropy(net(inputs).float(), labels, reduction="none"))
+    if not losses:
+        return torch.zeros(0)
+    return torch.cat(losses).cpu()
+
+
+def co_divide(history, p_threshold, window, clean=None):
+    """GMM division of one net's loss history: (clean probability w, GMM input, fitted GMM, stats)."""
+    input_loss = gmm_input(history, window)
+    prob, gmm = fit_gmm(input_loss)
+    return prob, input_loss, gmm, division_stats(prob, p_threshold, clean)
+
+
+def train_step(net, net2, optimizer, batch, cfg, lambda_u_now):
+    """One DivideMix iteration: co-guessing, co-refinement, MixMatch, loss, SGD step. Returns (Lx, Lu, loss).
+
+    batch = (x, x2, labels, w, u, u2) on the training device; u and u2 may have zero rows.
+    """
+    x, x2, labels, w, u, u2 = batch
+    B = x.shape[0]
+    targets = F.one_hot(labels, cfg.num_class).float()
+    w = w.view(-1, 1).float()
+    with torch.no_grad():
+        # Six separate forwards, in the original order: each keeps its own BatchNorm batch statistics and
+        # running-stat update on `net` (train mode); `net2` is frozen in eval mode.
+        if u.shape[0]:
+            out_u11, out_u12 = net(u), net(u2)
+            out_u21, out_u22 = net2(u), net2(u2)
+            # Co-guessing: average both nets' predictions on both views, then sharpen.
+            pu = (torch.softmax(out_u11, 1) + torch.softmax(out_u12, 1)
+                  + torch.softmax(out_u21, 1) + torch.softmax(out_u22, 1)) / 4
+            targets_u = sharpen(pu, cfg.T)
+        else:
+            targets_u = targets.new_zeros((0, cfg.num_class))
+        out_x, out_x2 = net(x), net(x2)
+        # Co-refinement: blend the noisy label with the net's own prediction by the other net's clean prob.
+        px = (torch.softmax(out_x, 1) + torch.softmax(out_x2, 1)) / 2
+        px = w * targets + (1 - w) * px
+        targets_x = sharpen(px, cfg.T)
+
+    # MixMatch with l = max(l, 1 - l) so the mixed input stays closer to its first argument.
+    lam = np.random.beta(cfg.alpha, cfg.alpha)
+    lam = max(lam, 1 - lam)
+    all_inputs = torch.cat([x, x2, u, u2], dim=0)
+    all_targets = torch.cat([targets_x, targets_x, targets_u, targets_u], dim=0)
+    idx = torch.randperm(all_inputs.shape[0], device=all_inputs.device)
+    if cfg.unlabeled_loss:
+        mixed_input = lam * all_inputs + (1 - lam) * all_inputs[idx]
+        mixed_target = lam * all_targets + (1 - lam) * all_targets[idx]
+    else:
+        # Clothing1M / WebVision: only the first 2B rows (x, x2) are mixed and trained on; their partners
+        # come from the permutation over all 2B + 2U rows.
+        mixed_input = lam * all_inputs[:2 * B] + (1 - lam) * all_inputs[idx[:2 * B]]
+        mixed_target = lam * all_targets[:2 * B] + (1 - lam) * all_targets[idx[:2 * B]]
+
+    logits = net(mixed_input)
+    logits_x, logits_u = logits[:2 * B], logits[2 * B:]
+    Lx, Lu = semi_loss(logits_x, mixed_target[:2 * B], logits_u, mixed_target[2 * B:])
+    penalty = prior_penalty(logits, cfg.num_class)
+    loss = Lx + lambda_u_now * Lu + penalty if cfg.unlabeled_loss else Lx + penalty
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return Lx.detach(), Lu.detach(), loss.detach()
+
+
+def train_epoch(epoch, net, net2, optimizer, labeled_loader, unlabeled_loader, cfg, device, desc="train"):
+    """Train `net` for one pass over its labeled set, cycling the unlabeled set; `net2` only guesses.
+
+    Returns the mean Lx, Lu and lambda and the number of iterations. An empty labeled set gives zero
+    iterations; an empty unlabeled set (unlabeled_loader None) gives MixMatch over labeled rows only.
+    """
+    net.train()
+    net2.eval()
+    num_iter = _num_samples(labeled_loader) // labeled_loader.batch_size + 1
+    sums = torch.zeros(2, device=device)
+    lambda_sum, steps = 0.0, 0
+    unlabeled_iter = iter(unlabeled_loader) if unlabeled_loader is not None else None
+    progress = Progress(desc, len(labeled_loader))
+    for batch_idx, (x, x2, labels, w) in enumerate(labeled_loader):
+        if unlabeled_iter is not None:
+            try:
+                u, u2 = next(unlabeled_iter)
+            except StopIteration:  # restart the unlabeled set only when it is exhausted
+                unlabeled_iter = iter(unlabeled_loader)
+                u, u2 = next(unlabeled_iter)
+        else:
+            u = u2 = x.new_zeros((0,) + tuple(x.shape[1:]))
+        batch = [t.to(device, non_blocking=True) for t in (x, x2, labels, w, u, u2)]
+        lambda_now = linear_rampup(epoch + batch_idx / num_iter, cfg.warm_up, cfg.lambda_u, cfg.rampup_length)
+        Lx, Lu, _ = train_step(net, net2, optimizer, batch, cfg, lambda_now)
+        sums += torch.stack([Lx, Lu])
+        lambda_sum += lambda_now
+        steps += 1
+        progress.update(steps, Lx=Lx, Lu=Lu)
+    if steps == 0:
+        return {"Lx": float("nan"), "Lu": float("nan"), "lambda": float("nan"), "iterations": 0}
+    Lx_mean, Lu_mean = (sums / steps).tolist()
+    return {"Lx": Lx_mean, "Lu": Lu_mean, "lambda": lambda_sum / steps, "iterations": steps}
+
+
+@torch.no_grad()
+def predict(nets, loader, device):
+    """Summed logits of `nets` (eval mode) over a loader, with the labels: (logits, labels) on the CPU."""
+    for net in nets:
+        net.eval()
+    all_logits, all_labels = [], []
+    for inputs, labels in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        logits = sum(net(inputs).float() for net in nets)
+        all_logits.append(logits)
+        all_labels.append(labels.to(device, non_blocking=True))
+    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+
+
+def topk_accuracy(logits, labels, ks=(1,)):
+    """Top-k accuracies in percent for each k."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices
+    hit = top == labels.view(-1, 1)
+    return [100.0 * hit[:, :min(k, maxk)].any(dim=1).double().mean().item() for k in ks]
+
+
+def evaluate(nets, loader, device, ks=(1,)):
+    """Top-k test accuracies (percent) of the summed logits of `nets`."""
+    logits, labels = predict(nets, loader, device)
+    return topk_accuracy(logits, labels, ks)

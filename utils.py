@@ -1,0 +1,165 @@
+"""Infrastructure shared by the training scripts: errors, seeding, RNG state, checkpoints, logs, progress."""
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+
+def run_main(main, args):
+    """Call main(args); turn a UserError into one line on stderr and exit code 2."""
+    try:
+        return main(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def seed_everything(seed):
+    """Seed Python's, numpy's and torch's global generators from one integer."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """Capture every global random state the training loop draws from."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore the states captured by get_rng_state."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def select_device(gpuid):
+    """CUDA device `gpuid` when CUDA is available, otherwise the CPU."""
+    if torch.cuda.is_available():
+        if not 0 <= gpuid < torch.cuda.device_count():
+            raise UserError(f"--gpuid {gpuid} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(gpuid)
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", gpuid)
+    return torch.device("cpu")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Load a checkpoint written by atomic_save onto the CPU."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): point --resume at a checkpoint "
+                        "file written by this project") from exc
+
+
+def check_resume_args(saved, current, keys):
+    """Raise a UserError naming the first defining argument that differs from the checkpoint's."""
+    for key in keys:
+        if key in saved and saved[key] != current.get(key):
+            raise UserError(f"--resume checkpoint was made with --{key} {saved[key]!r}, this run has "
+                            f"{current.get(key)!r}: pass the same value or start a new --output_dir")
+
+
+class RunLogs:
+    """The run's text logs (the original code's files) plus a JSON-lines file, truncatable on resume."""
+
+    def __init__(self, paths):
+        """paths: name -> file path; nothing is opened until start() or resume()."""
+        self.paths = paths
+        self.files = {}
+
+    def existing(self):
+        """Paths among this run's logs that already exist."""
+        return [p for p in self.paths.values() if os.path.exists(p)]
+
+    def start(self):
+        """Open every log fresh."""
+        self.files = {k: open(p, "w") for k, p in self.paths.items()}
+
+    def resume(self, sizes):
+        """Cut every log back to the size it had at the checkpoint, then append."""
+        for key, path in self.paths.items():
+            size = sizes.get(key, 0)
+            with open(path, "a+") as f:
+                f.truncate(size)
+        self.files = {k: open(p, "a") for k, p in self.paths.items()}
+
+    def sizes(self):
+        """Current byte size of each log (stored in the checkpoint)."""
+        for f in self.files.values():
+            f.flush()
+        return {k: os.path.getsize(p) for k, p in self.paths.items()}
+
+    def write(self, key, text):
+        """Append text to one log and flush it."""
+        self.files[key].write(text)
+        self.files[key].flush()
+
+    def write_json(self, key, record):
+        """Append one JSON line."""
+        self.write(key, json.dumps(record, sort_keys=False) + "\n")
+
+    def close(self):
+        """Close every open log."""
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+
+class Progress:
+    """Compact progress line for one phase; reads device values only when it prints."""
+
+    def __init__(self, desc, total, every=None, stream=None):
+        """total: iterations expected; every: print period (default: about ten lines a phase)."""
+        self.desc, self.total = desc, max(int(total), 1)
+        self.every = every or max(self.total // 10, 1)
+        self.stream = stream or sys.stdout
+        # On a terminal the line is redrawn in place; in a log file a line is printed every `every` steps.
+        self.tty = self.stream.isatty()
+        if self.tty:
+            self.every = max(self.total // 100, 1)
+        self.start = time.perf_counter()
+
+    def update(self, step, **values):
+        """Print after iteration `step` (1-based) when due; values may be tensors (synced only then)."""
+        if step % self.every and step != self.total:
+            return
+        shown = "  ".join(f"{k} {float(v):.4f}" for k, v in values.items())
+        rate = step / max(time.perf_counter() - self.start, 1e-9)
+        line = f"{self.desc} [{step:>4}/{self.total}] {shown}  {rate:.1f} it/s"
+        if self.tty:
+            end = "\n" if step == self.total else ""
+            print("\r" + line + "\033[K", end=end, file=self.stream, flush=True)
+        else:
+            print(line, file=self.stream, flush=True)
