@@ -69,6 +69,9 @@ def get_args_parser():
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
     p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
+    p.add_argument("--noise_file", default=None, type=str,
+                   help="noisy labels to use or create (default: <data_path>/<r:.1f>_<noise_mode>.json, the "
+                        "original's name, which does not include the seed)")
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
@@ -214,7 +217,7 @@ def main(args):
     train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset)
     if clean.max() >= args.num_class:
         raise UserError(f"{args.data_path} has labels up to {clean.max()}, more than --num_class {args.num_class}")
-    noise_path = dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
+    noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
     noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
                                                            args.num_class, args.seed)
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device)
