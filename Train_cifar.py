@@ -90,10 +90,10 @@ def resolve_settings(args):
         if getattr(args, name) is not None:
             sources[name] = "flag"
         elif preset is not None:
-            setattr(args, name, preset[name])
+            setattr(args, name, float(preset[name]))
             sources[name] = "paper preset"
         else:
-            setattr(args, name, ORIGINAL_DEFAULTS[name])
+            setattr(args, name, float(ORIGINAL_DEFAULTS[name]))
             sources[name] = "original-code default (no paper preset for this setting)"
     derived = {"num_class": dataloader_cifar.NUM_CLASSES[args.dataset], "warm_up": WARM_UP[args.dataset],
                "loss_window": 5 if round(args.r, 2) == 0.9 else 1}

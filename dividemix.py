@@ -163,7 +163,7 @@ def co_divide(history, p_threshold, window, clean=None):
     return prob, input_loss, gmm, division_stats(prob, p_threshold, clean)
 
 
-def train_step(net, net2, optimizer, batch, cfg, lambda_u_now):
+def train_step(net, net2, optimizer, batch, cfg, lambda_now):
     """One DivideMix iteration: co-guessing, co-refinement, MixMatch, loss, SGD step. Returns (Lx, Lu, loss).
 
     batch = (x, x2, labels, w, u, u2) on the training device; u and u2 may have zero rows.
@@ -209,7 +209,7 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_u_now):
     logits_x, logits_u = logits[:2 * B], logits[2 * B:]
     Lx, Lu = semi_loss(logits_x, mixed_target[:2 * B], logits_u, mixed_target[2 * B:])
     penalty = prior_penalty(logits, cfg.num_class)
-    loss = Lx + lambda_u_now * Lu + penalty if cfg.unlabeled_loss else Lx + penalty
+    loss = Lx + lambda_now * Lu + penalty if cfg.unlabeled_loss else Lx + penalty
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
