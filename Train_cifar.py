@@ -12,13 +12,14 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.optim as optim
 
 import dataloader_cifar
-from dividemix import (DivideMixConfig, co_divide, eval_train, evaluate, normalise_losses, set_learning_rate,
+from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, set_learning_rate,
                        train_epoch, warmup_epoch)
 from PreResNet import ResNet18
 from utils import (RunLogs, UserError, atomic_save, check_resume_args, get_rng_state, load_checkpoint, run_main,
@@ -75,6 +76,11 @@ def get_args_parser():
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for the forwards (default: on with CUDA, off on the CPU)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory layout for nets and batches")
+    p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
     return p
 
 
@@ -111,9 +117,14 @@ def resolve_settings(args):
     return sources
 
 
-def create_model(num_class, device):
-    """A PreAct ResNet-18 on the training device."""
-    return ResNet18(num_classes=num_class).to(device)
+def create_model(num_class, device, precision, compile_net=False):
+    """A PreAct ResNet-18 on the training device, in the memory layout of `precision`."""
+    net = ResNet18(num_classes=num_class).to(device)
+    if precision.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if compile_net:
+        net.compile()  # in place: state_dict keys stay those of the plain module
+    return net
 
 
 def create_optimizer(net, lr):
@@ -134,16 +145,27 @@ def _json_safe(value):
 
 def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs, loss_dir):
     """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records."""
-    timing, divisions = {}, []
+    timing, divisions = {}, [None, None]
     eval_loader = data.eval_loader(args.eval_batch_size)
-    for k, net in enumerate(nets):
-        t0 = time.perf_counter()
-        losses = eval_train(net, eval_loader, device)
-        histories[k].append(normalise_losses(losses))
-        del histories[k][:-cfg.loss_window]  # only the averaged window is ever read
-        t1 = time.perf_counter()
-        divisions.append(co_divide(histories[k], cfg.p_threshold, cfg.loss_window, data.clean_mask))
-        timing[f"eval{k + 1}"], timing[f"gmm{k + 1}"] = t1 - t0, time.perf_counter() - t1
+    # On CUDA net1's GMM (CPU) is fitted while net2's losses are computed (GPU). The fits still run one after
+    # the other in net order, so their numpy draws and results are those of a sequential loop.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for k, net in enumerate(nets):
+            t0 = time.perf_counter()
+            losses = eval_train(net, eval_loader, device, cfg.precision)
+            histories[k].append(normalise_losses(losses))
+            del histories[k][:-cfg.loss_window]  # only the averaged window is ever read
+            timing[f"eval{k + 1}"] = time.perf_counter() - t0
+            if pending is not None:
+                divisions[k - 1], timing[f"gmm{k}"] = pending.result()
+            pending = pool.submit(_timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
+                                  data.clean_mask)
+            if device.type != "cuda":
+                divisions[k], timing[f"gmm{k + 1}"] = pending.result()
+                pending = None
+        if pending is not None:
+            divisions[1], timing["gmm2"] = pending.result()
 
     records = [dict(d[3]) for d in divisions]
     for k in (1, 0):  # the original logs net2's division first: it is the one net1 trains on
@@ -172,6 +194,13 @@ def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device,
                              "vars": divisions[k][2].covariances_.ravel().tolist(),
                              "weights": divisions[k][2].weights_.ravel().tolist()}
     return records, timing
+
+
+def _timed(fn, *args):
+    """fn(*args) and the seconds it took."""
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0
 
 
 def save_division(path, divisions, clean_mask, p_threshold):
@@ -208,10 +237,14 @@ def main(args):
     elif logs.existing() or os.path.exists(ckpt_path):
         raise UserError(f"{out} already holds a {prefix} run: pass --resume to continue it, or choose another "
                         "--output_dir (nothing was overwritten)")
-    print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
 
     # ---- data ----------------------------------------------------------------------------------------------
     device = select_device(args.gpuid)
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+        sources["amp"] = f"default for {device.type}"
+    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
     seed_everything(args.seed)
     dataloader_cifar.ensure_data(args.data_path, args.dataset, args.download)
     train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset)
@@ -225,12 +258,12 @@ def main(args):
           f"({'written' if created else 'reused'}), {1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
 
     # ---- models --------------------------------------------------------------------------------------------
-    nets = [create_model(args.num_class, device) for _ in range(2)]
+    nets = [create_model(args.num_class, device, precision, args.compile) for _ in range(2)]
     optimizers = [create_optimizer(net, args.lr) for net in nets]
     histories = [[], []]
     cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
                           p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=True,
-                          loss_window=args.loss_window)
+                          loss_window=args.loss_window, precision=precision)
     start_epoch = 0
     if resume is not None:
         for k in range(2):
@@ -259,7 +292,7 @@ def main(args):
             for k, net in enumerate(nets):
                 t0 = time.perf_counter()
                 loss = warmup_epoch(net, optimizers[k], warmup_loader, device, penalty=args.noise_mode == "asym",
-                                    desc=f"warm-up {epoch} net{k + 1}")
+                                    desc=f"warm-up {epoch} net{k + 1}", precision=precision)
                 timing[f"warmup{k + 1}"] = time.perf_counter() - t0
                 records.append({"loss": loss})
         else:
@@ -267,7 +300,7 @@ def main(args):
             records, timing = co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs,
                                               loss_dir)
         t0 = time.perf_counter()
-        acc = evaluate(nets, test_loader, device)[0]
+        acc = evaluate(nets, test_loader, device, precision=precision)[0]
         timing["test"] = time.perf_counter() - t0
         seconds = time.perf_counter() - t_epoch
         logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))

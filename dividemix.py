@@ -7,7 +7,8 @@ here knows which dataset it trains on. Loaders yield tuples of tensors:
   labeled:    (x, x2, labels, w)          unlabeled: (u, u2)          test: (images, labels)
 A loader may expose `num_samples` (else len(loader.dataset) is used) and must expose `batch_size`.
 """
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +17,22 @@ from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
 from utils import Progress
+
+
+@dataclass
+class Precision:
+    """Numerics and memory layout of the forwards: bf16 autocast and channels_last (both off: plain fp32)."""
+
+    amp: bool = False
+    channels_last: bool = False
+
+    def autocast(self, device):
+        """bf16 autocast on the device when amp is on, otherwise a no-op context."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def prepare(self, x):
+        """Put an input batch in the memory layout the nets expect."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
 
 @dataclass
@@ -34,6 +51,7 @@ class DivideMixConfig:
     unlabeled_loss: bool = True
     # Number of past normalised loss vectors averaged as the GMM input (5 for CIFAR at 90% noise).
     loss_window: int = 1
+    precision: Precision = field(default_factory=Precision)
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -123,15 +141,18 @@ def _num_samples(loader):
     return n if n is not None else len(loader.dataset)
 
 
-def warmup_epoch(net, optimizer, loader, device, penalty=False, desc="warm-up"):
+def warmup_epoch(net, optimizer, loader, device, penalty=False, desc="warm-up", precision=None):
     """One pass of cross-entropy over the noisy labels (plus the confidence penalty when asked); mean loss."""
+    precision = precision or Precision()
     net.train()
     total = torch.zeros((), device=device)
     progress = Progress(desc, len(loader))
     steps = 0
     for steps, (inputs, labels) in enumerate(loader, 1):
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = net(inputs)
+        inputs = precision.prepare(inputs.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits = net(inputs).float()
         loss = F.cross_entropy(logits, labels)
         if penalty:
             loss = loss + confidence_penalty(logits)
@@ -144,13 +165,17 @@ def warmup_epoch(net, optimizer, loader, device, penalty=False, desc="warm-up"):
 
 
 @torch.no_grad()
-def eval_train(net, loader, device):
+def eval_train(net, loader, device, precision=None):
     """Per-sample cross-entropy of every training image in loader order (eval mode, no augmentation)."""
+    precision = precision or Precision()
     net.eval()
     losses = []
     for inputs, labels in loader:
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        losses.append(F.cross_entropy(net(inputs).float(), labels, reduction="none"))
+        inputs = precision.prepare(inputs.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with precision.autocast(device):
+            logits = net(inputs)
+        losses.append(F.cross_entropy(logits.float(), labels, reduction="none"))
     if not losses:
         return torch.zeros(0)
     return torch.cat(losses).cpu()
@@ -170,21 +195,23 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
     """
     x, x2, labels, w, u, u2 = batch
     B = x.shape[0]
+    precision = cfg.precision
+    x, x2, u, u2 = (precision.prepare(t) for t in (x, x2, u, u2))
     targets = F.one_hot(labels, cfg.num_class).float()
     w = w.view(-1, 1).float()
-    with torch.no_grad():
+    with torch.no_grad(), precision.autocast(x.device):
         # Six separate forwards, in the original order: each keeps its own BatchNorm batch statistics and
         # running-stat update on `net` (train mode); `net2` is frozen in eval mode.
         if u.shape[0]:
-            out_u11, out_u12 = net(u), net(u2)
-            out_u21, out_u22 = net2(u), net2(u2)
+            out_u11, out_u12 = net(u).float(), net(u2).float()
+            out_u21, out_u22 = net2(u).float(), net2(u2).float()
             # Co-guessing: average both nets' predictions on both views, then sharpen.
             pu = (torch.softmax(out_u11, 1) + torch.softmax(out_u12, 1)
                   + torch.softmax(out_u21, 1) + torch.softmax(out_u22, 1)) / 4
             targets_u = sharpen(pu, cfg.T)
         else:
             targets_u = targets.new_zeros((0, cfg.num_class))
-        out_x, out_x2 = net(x), net(x2)
+        out_x, out_x2 = net(x).float(), net(x2).float()
         # Co-refinement: blend the noisy label with the net's own prediction by the other net's clean prob.
         px = (torch.softmax(out_x, 1) + torch.softmax(out_x2, 1)) / 2
         px = w * targets + (1 - w) * px
@@ -205,7 +232,8 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
         mixed_input = lam * all_inputs[:2 * B] + (1 - lam) * all_inputs[idx[:2 * B]]
         mixed_target = lam * all_targets[:2 * B] + (1 - lam) * all_targets[idx[:2 * B]]
 
-    logits = net(mixed_input)
+    with precision.autocast(x.device):
+        logits = net(precision.prepare(mixed_input)).float()
     logits_x, logits_u = logits[:2 * B], logits[2 * B:]
     Lx, Lu = semi_loss(logits_x, mixed_target[:2 * B], logits_u, mixed_target[2 * B:])
     penalty = prior_penalty(logits, cfg.num_class)
@@ -253,14 +281,16 @@ def train_epoch(epoch, net, net2, optimizer, labeled_loader, unlabeled_loader, c
 
 
 @torch.no_grad()
-def predict(nets, loader, device):
+def predict(nets, loader, device, precision=None):
     """Summed logits of `nets` (eval mode) over a loader, with the labels: (logits, labels) on the CPU."""
+    precision = precision or Precision()
     for net in nets:
         net.eval()
     all_logits, all_labels = [], []
     for inputs, labels in loader:
-        inputs = inputs.to(device, non_blocking=True)
-        logits = sum(net(inputs).float() for net in nets)
+        inputs = precision.prepare(inputs.to(device, non_blocking=True))
+        with precision.autocast(device):
+            logits = sum(net(inputs).float() for net in nets)
         all_logits.append(logits)
         all_labels.append(labels.to(device, non_blocking=True))
     return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
@@ -274,7 +304,7 @@ def topk_accuracy(logits, labels, ks=(1,)):
     return [100.0 * hit[:, :min(k, maxk)].any(dim=1).double().mean().item() for k in ks]
 
 
-def evaluate(nets, loader, device, ks=(1,)):
+def evaluate(nets, loader, device, ks=(1,), precision=None):
     """Top-k test accuracies (percent) of the summed logits of `nets`."""
-    logits, labels = predict(nets, loader, device)
+    logits, labels = predict(nets, loader, device, precision)
     return topk_accuracy(logits, labels, ks)
