@@ -22,7 +22,7 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, set_learning_rate,
                        train_epoch, warmup_epoch)
 from PreResNet import ResNet18
-from utils import (RunLogs, UserError, atomic_save, check_resume_args, get_rng_state, load_checkpoint, run_main,
+from utils import (CheckpointWriter, RunLogs, UserError, check_resume_args, get_rng_state, load_checkpoint, run_main,
                    seed_everything, select_device, set_rng_state)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
@@ -283,6 +283,7 @@ def main(args):
 
     # ---- epochs --------------------------------------------------------------------------------------------
     test_loader = data.test_loader(args.eval_batch_size)
+    checkpoints = CheckpointWriter()
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
@@ -313,9 +314,10 @@ def main(args):
                 records[0]["labeled"], records[1]["labeled"], records[0]["Lx"], records[1]["Lx"],
                 records[0]["Lu"], records[1]["Lu"])
         print(summary, flush=True)
-        atomic_save({"epoch": epoch, "args": defining, "all_args": vars(args),
-                     "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
-                     "histories": histories, "rng": get_rng_state(), "log_sizes": logs.sizes()}, ckpt_path)
+        checkpoints.save({"epoch": epoch, "args": defining, "all_args": vars(args),
+                          "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
+                          "histories": histories, "rng": get_rng_state(), "log_sizes": logs.sizes()}, ckpt_path)
+    checkpoints.close()
     logs.close()
     return 0
 

@@ -5,6 +5,7 @@ import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -72,6 +73,42 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _cpu_copy(obj):
+    """A deep copy of obj with every tensor copied to the CPU, safe to save while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints atomically in a background thread, one at a time, so the next epoch need not wait."""
+
+    def __init__(self):
+        """Start the writer thread pool."""
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = None
+
+    def save(self, obj, path):
+        """Snapshot obj now (tensors copied to the CPU) and write it to path in the background."""
+        self.wait()
+        self.pending = self.pool.submit(atomic_save, _cpu_copy(obj), path)
+
+    def wait(self):
+        """Block until the last write is on disk; re-raise its error, if any."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self):
+        """Finish the last write and stop the thread."""
+        self.wait()
+        self.pool.shutdown()
 
 
 def load_checkpoint(path):
