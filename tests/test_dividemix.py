@@ -240,3 +240,19 @@ def test_train_epoch_rampup_cycling_and_empty_sets():
 
     out = train_epoch(12, net, net2, opt, labeled, None, cfg, torch.device("cpu"))
     assert out["iterations"] == 3 and out["Lu"] == 0.0
+
+
+def test_warmup_epoch_cross_entropy_plus_confidence_penalty():
+    torch.manual_seed(0)
+    x, _, labels, *_ = _batch(B=6)
+    for penalty in (False, True):
+        net = Recorder()
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the recorded logits are those of the loss
+        loader = ListLoader([(x, labels)], 6, 6)
+        loss = dividemix.warmup_epoch(net, opt, loader, torch.device("cpu"), penalty=penalty)
+        logits = net.calls[0][1]
+        expected = F.cross_entropy(logits, labels)
+        if penalty:
+            p = logits.softmax(1)
+            expected = expected + (p * p.log()).sum(1).mean()
+        assert loss == pytest.approx(expected.item(), rel=1e-5)
