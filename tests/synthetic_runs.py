@@ -151,7 +151,7 @@ def write_demo(out_dir):
             write_cifar_run(run_dir, dataset, r, mode, seed, demo_curve(final, epochs, 5, seed * 10 + int(r * 10)),
                             lambda_u=lambda_u, warm_up=5, seconds=60.0 + seed,
                             snapshots=(5, 15, 30) if seed == 1 else (), n_samples=4000)
-    unfinished = demo_curve(60.0, 30, 5, 7)[:13]
+    unfinished = demo_curve(33.0, 30, 5, 7)[:13]
     write_cifar_run(os.path.join(out_dir, "cifar100_sym_0.9_seed1"), "cifar100", 0.9, "sym", 1, unfinished,
                     num_epochs=30, lambda_u=150, p_threshold=0.6, warm_up=5, seconds=65.0)
 
