@@ -134,10 +134,8 @@ def clean_posterior(x, means, variances, weights):
 
 
 def threshold_crossings(means, variances, weights, p_threshold, lo=0.0, hi=1.0, points=4001):
-    """Losses in [lo, hi] where the clean posterior crosses p_threshold (linear interpolation on a grid).
-
-    Usually one value; two when the clean component is the wider one and takes over again at high loss.
-    """
+    """Losses in [lo, hi] where the clean posterior crosses p_threshold (linear interpolation on a grid)."""
+    # Usually one value; two when the clean component is the wider one and takes over again at high loss.
     grid = np.linspace(lo, hi, points)
     d = clean_posterior(grid, means, variances, weights) - p_threshold
     idx = np.nonzero(np.sign(d[:-1]) * np.sign(d[1:]) < 0)[0]
@@ -210,8 +208,7 @@ def choose_epochs(available, wanted, label):
 # ----------------------------------------------------------------------------- (c) division quality
 
 def division_figure(run, title):
-    """Labeled-set size, precision and AUC over epochs for the division made from each net's losses; None if
-    the run logged no division."""
+    """Labeled-set size, precision and AUC of each net's division over epochs (None without divisions)."""
     panels = [(f, name) for f, name in DIVISION_PANELS
               if any(isinstance(rec.get(f"net{k}", {}).get(f), (int, float)) for rec in run.records for k in (1, 2))]
     if not panels:

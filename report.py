@@ -257,8 +257,7 @@ def diff(ours, paper):
 
 
 def build_rows(runs):
-    """Table rows (dicts with CSV_COLUMNS): per group one row per metric for the finished runs, then one per
-    unfinished run."""
+    """Table rows (CSV_COLUMNS dicts): per group and metric one row of finished runs, one per unfinished run."""
     rows = []
     for key, members in group_runs(runs):
         kind, dataset, mode, r, lambda_u, p_threshold, num_epochs = key

@@ -58,10 +58,7 @@ def auc(prob, clean):
 
 def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=123, accs=(), num_epochs=None,
                     lambda_u=25, p_threshold=0.5, warm_up=2, seconds=10.0, snapshots=(), n_samples=1000):
-    """A Train_cifar.py output directory whose epoch e has test accuracy accs[e] and `seconds` wall time.
-
-    snapshots: epochs for which a _losses/epoch_XXX.npz is written. Returns the file prefix.
-    """
+    """Write a Train_cifar.py run dir (epoch e: test accuracy accs[e], npz at `snapshots`); return its prefix."""
     os.makedirs(run_dir, exist_ok=True)
     prefix = "%s_%.1f_%s" % (dataset, r, noise_mode)
     num_epochs = len(accs) - 1 if num_epochs is None else num_epochs
