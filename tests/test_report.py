@@ -1,0 +1,206 @@
+"""report.py and plots.py on synthetic run directories: known numbers in, exact tables and real PNGs out."""
+import csv
+import json
+import math
+import os
+
+import pytest
+
+import plots
+import report
+from synthetic_runs import write_cifar_run, write_clothing_run, write_webvision_run
+from utils import run_main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Epochs 0..11; seed 2 is seed 1 plus one point everywhere.
+SEED1_ACCS = [50, 60, 70, 80, 90, 91, 92, 93, 94, 95, 94, 93]
+
+EXPECTED_CIFAR_MD = """\
+# DivideMix: our runs against the paper
+
+Accuracy in %. Ours: mean ± sample standard deviation (ddof = 1) over seeds; no ± with one seed. \
+Δ = ours − paper (paper: SPEC.md section 7). s/epoch: mean wall time of an epoch. \
+Each unfinished run has a row of its own with its numbers so far.
+
+## CIFAR (paper Table 1)
+
+Test accuracy. Best: highest over epochs; Last 10: mean of the last 10 epochs.
+
+| Dataset | Noise | lambda_u | tau | Epochs | Seeds | Best | Paper best | Δ best | Last 10 | Paper last | Δ last \
+| s/epoch | Status |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| cifar10 | sym 30% | 25 | 0.5 | 2 | 1 | 30.00 | - | - | 20.00 | - | - | 5.0 | finished |
+| cifar10 | sym 50% | 25 | 0.5 | 11 | 2 | 95.50 ± 0.71 | 94.60 | +0.90 | 89.70 ± 0.71 | 94.40 | -4.70 | 11.0 \
+| finished |
+| cifar10 | sym 50% | 25 | 0.5 | 11 | 1 | 80.00 | 94.60 | -14.60 | 60.00 | 94.40 | -34.40 | 10.0 \
+| unfinished (epoch 4/11) |
+"""
+
+
+def args_for(paths, tmp_path, **extra):
+    """report.py arguments writing into tmp_path."""
+    argv = [str(p) for p in paths] + ["--out_md", str(tmp_path / "out" / "report.md"),
+                                      "--out_csv", str(tmp_path / "out" / "report.csv")]
+    for name, value in extra.items():
+        argv += [f"--{name}"] + ([str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)])
+    return report.get_args_parser().parse_args(argv)
+
+
+def read_csv(path):
+    """CSV rows as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def cifar_runs(tmp_path):
+    """Two finished seeds and one unfinished seed of C10 sym 50%, and one finished C10 sym 30% run."""
+    root = tmp_path / "runs"
+    write_cifar_run(str(root / "cifar10_sym_0.5_seed1"), r=0.5, seed=1, accs=SEED1_ACCS, seconds=10.0,
+                    n_samples=100)
+    write_cifar_run(str(root / "cifar10_sym_0.5_seed2"), r=0.5, seed=2, accs=[a + 1 for a in SEED1_ACCS],
+                    seconds=12.0, n_samples=100)
+    write_cifar_run(str(root / "cifar10_sym_0.5_seed3"), r=0.5, seed=3, accs=[40, 50, 60, 70, 80], num_epochs=11,
+                    seconds=10.0, n_samples=100)
+    write_cifar_run(str(root / "nested" / "cifar10_sym_0.3_seed7"), r=0.3, seed=7, accs=[10, 20, 30], seconds=5.0,
+                    n_samples=100)
+    return root
+
+
+def test_cifar_markdown_exact(cifar_runs, tmp_path, capsys):
+    """Known accuracies give exactly the expected table, printed and written; the parent folder is searched."""
+    assert report.main(args_for([cifar_runs], tmp_path)) == 0
+    written = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert written == EXPECTED_CIFAR_MD
+    assert capsys.readouterr().out == EXPECTED_CIFAR_MD
+
+
+def test_cifar_csv_values(cifar_runs, tmp_path):
+    """CSV numbers: means, sample std (ddof 1), paper values and differences; blank std for one seed."""
+    report.main(args_for([cifar_runs], tmp_path))
+    rows = read_csv(tmp_path / "out" / "report.csv")
+    assert list(rows[0]) == list(report.CSV_COLUMNS)
+    assert [(r["r"], r["status"]) for r in rows] == [("0.3", "finished"), ("0.5", "finished"),
+                                                     ("0.5", "unfinished (epoch 4/11)")]
+    two = rows[1]
+    assert (two["dataset"], two["noise_mode"], two["lambda_u"], two["p_threshold"], two["num_epochs"]) == \
+        ("cifar10", "sym", "25", "0.5", "11")
+    assert (two["n_seeds"], two["seeds"], two["metric"]) == ("2", "1 2", "test_acc")
+    assert float(two["best_mean"]) == pytest.approx(95.5)
+    assert float(two["best_std"]) == pytest.approx(math.sqrt(0.5), abs=1e-4)
+    assert float(two["last_mean"]) == pytest.approx(89.7)
+    assert float(two["paper_best"]) == 94.6 and float(two["paper_last"]) == 94.4
+    assert float(two["best_diff"]) == pytest.approx(0.9) and float(two["last_diff"]) == pytest.approx(-4.7)
+    assert float(two["sec_per_epoch"]) == pytest.approx(11.0)
+    one = rows[0]
+    assert one["best_std"] == "" and one["last_std"] == ""
+    assert one["paper_best"] == "" and one["best_diff"] == ""
+
+
+def test_report_is_deterministic_and_order_free(cifar_runs, tmp_path):
+    """The same runs named in another order give the same bytes."""
+    dirs = sorted(p.parent for p in cifar_runs.rglob("*_config.json"))
+    report.main(args_for(dirs, tmp_path))
+    first = (tmp_path / "out" / "report.md").read_bytes(), (tmp_path / "out" / "report.csv").read_bytes()
+    report.main(args_for(list(reversed(dirs)) + [cifar_runs], tmp_path))
+    assert ((tmp_path / "out" / "report.md").read_bytes(), (tmp_path / "out" / "report.csv").read_bytes()) == first
+
+
+def test_cut_last_log_line_and_foreign_config(tmp_path):
+    """A half-written last line is ignored; a config of another program is skipped, not fatal."""
+    run_dir = tmp_path / "runs" / "a"
+    prefix = write_cifar_run(str(run_dir), r=0.5, accs=[10, 20, 30, 40], num_epochs=9, n_samples=50)
+    with open(run_dir / f"{prefix}_log.jsonl", "a") as f:
+        f.write('{"epoch": 4, "phase": "tr')
+    (tmp_path / "runs" / "other_config.json").write_text(json.dumps({"script": "something_else.py", "args": {}}))
+    report.main(args_for([tmp_path / "runs"], tmp_path))
+    rows = read_csv(tmp_path / "out" / "report.csv")
+    assert [r["status"] for r in rows] == ["unfinished (epoch 3/9)"]
+    assert float(rows[0]["best_mean"]) == 40.0
+
+
+def test_no_runs_is_a_user_error(tmp_path, capsys):
+    """An empty folder or a missing path: one line on stderr, exit code 2."""
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exc:
+            run_main(report.main, args_for([path], tmp_path))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_clothing_and_webvision_rows(tmp_path):
+    """Real-noise runs get their sections: Clothing1M best val / test vs 74.76, WebVision best and last vs paper."""
+    root = tmp_path / "runs"
+    write_clothing_run(str(root / "c1"), seed=1, val=[(60, 61), (70, 69), (72, 73)], test_acc=74.0)
+    write_clothing_run(str(root / "c2"), seed=2, val=[(50, 51)])
+    write_webvision_run(str(root / "w1"), seed=1, num_epochs=2,
+                        accs=[(50, 70, 45, 65), (60, 80, 55, 75), (58, 79, 56, 77)])
+    report.main(args_for([root], tmp_path))
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "## CIFAR" not in md
+    assert ("| Epochs | Seeds | Best val acc | Test acc | Paper test | Δ test | s/epoch | Status |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            "| 80 | 1 | 73.00 | 74.00 | 74.76 | -0.76 | 100.0 | finished |\n"
+            "| 80 | 1 | 51.00 | - | 74.76 | - | 100.0 | unfinished (epoch 0/80) |\n") in md
+    assert "| 2 | 1 | webvision_top1 | 60.00 | 58.00 | 77.32 | -17.32 | -19.32 | 1000.0 | finished |" in md
+    assert "| 2 | 1 | imagenet_top5 | 77.00 | 77.00 | 90.84 | -13.84 | -13.84 | 1000.0 | finished |" in md
+    assert md.index("## Clothing1M") < md.index("## WebVision")
+    rows = {(r["section"], r["metric"], r["status"]): r for r in read_csv(tmp_path / "out" / "report.csv")}
+    test = rows[("clothing1m", "test_acc", "finished")]
+    assert (test["last_mean"], test["paper_last"], test["last_diff"]) == ("74.0000", "74.7600", "-0.7600")
+    assert rows[("clothing1m", "val_acc", "finished")]["best_mean"] == "73.0000"
+    wv = rows[("webvision", "imagenet_top1", "finished")]
+    assert (wv["best_mean"], wv["last_mean"], wv["paper_best"], wv["paper_last"]) == \
+        ("56.0000", "56.0000", "75.2000", "75.2000")
+    assert len(rows) == 2 + 2 + 4
+
+
+def test_threshold_crossing_of_the_gmm():
+    """Equal Gaussians cross at the midpoint for 0.5; for 0.6 at the analytic point left of it."""
+    means, variances, weights = [0.2, 0.8], [0.01, 0.01], [0.5, 0.5]
+    assert plots.threshold_crossings(means, variances, weights, 0.5) == [pytest.approx(0.5, abs=1e-6)]
+    expected = (0.6 - 0.02 * math.log(1.5)) / 1.2
+    assert plots.threshold_crossings(means, variances, weights, 0.6) == [pytest.approx(expected, abs=1e-5)]
+    # The clean component listed second is still found by its smaller mean.
+    assert plots.threshold_crossings(means[::-1], variances, weights, 0.6) == [pytest.approx(expected, abs=1e-5)]
+
+
+def check_png(path, min_kb=8):
+    """A real, non-trivial PNG."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert len(data) > min_kb * 1024, (path, len(data))
+
+
+def test_plots_from_report(tmp_path, capsys):
+    """report.py --plots draws the accuracy, loss-histogram and division figures as PNGs."""
+    root = tmp_path / "runs"
+    write_cifar_run(str(root / "cifar10_sym_0.5_seed1"), r=0.5, seed=1, accs=[30, 40, 50, 60, 70], warm_up=2,
+                    snapshots=(2, 4), n_samples=400)
+    write_clothing_run(str(root / "c1"), seed=1, val=[(60, 61), (70, 69)], test_acc=74.0)
+    out = tmp_path / "plots"
+    report.main(args_for([root], tmp_path, plots=out, plot_epochs=[4, 99]))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["acc_cifar10_sym_0.5.png", "acc_clothing1m.png", "division_cifar10_sym_0.5_seed1.png",
+                     "losses_cifar10_sym_0.5_seed1_epoch_004.png"]
+    for path in out.iterdir():
+        check_png(path)
+    captured = capsys.readouterr()
+    assert "4 plot(s) written" in captured.out
+    assert "no loss snapshot for epoch(s) 99" in captured.err
+
+
+def test_plots_main_default_epochs(tmp_path):
+    """plots.py alone: without --epochs every saved snapshot up to the limit is drawn."""
+    run_dir = tmp_path / "runs" / "r"
+    write_cifar_run(str(run_dir), dataset="cifar100", r=0.9, seed=5, accs=[5, 6, 7, 8, 9, 10, 11, 12], warm_up=1,
+                    lambda_u=150, p_threshold=0.6, snapshots=(1, 2, 3, 4, 5, 6, 7), n_samples=200)
+    assert plots.choose_epochs({e: "" for e in range(1, 8)}, None, "x") == [1, 3, 4, 5, 7]
+    assert plots.main(plots.get_args_parser().parse_args([str(run_dir), "--out_dir", str(tmp_path / "p")])) == 0
+    names = sorted(os.listdir(tmp_path / "p"))
+    assert [n for n in names if n.startswith("losses_")] == [
+        f"losses_cifar100_sym_0.9_seed5_epoch_{e:03d}.png" for e in (1, 3, 4, 5, 7)]
+    check_png(tmp_path / "p" / "losses_cifar100_sym_0.9_seed5_epoch_007.png")

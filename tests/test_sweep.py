@@ -1,0 +1,211 @@
+"""scripts/sweep_cifar.sh: dry-run listing, presets, run dirs, skip/resume, seeds, GPU spreading, execution.
+
+Nothing trains: execution tests replace Train_cifar.py by a fake script through $TRAIN_SCRIPT.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP = os.path.join(REPO, "scripts", "sweep_cifar.sh")
+
+# SPEC.md section 1 (paper appendix): (lambda_u, p_threshold) per Table 1 cell.
+TABLE1 = {("cifar10", "sym", "0.2"): ("0", "0.5"), ("cifar10", "sym", "0.5"): ("25", "0.5"),
+          ("cifar10", "sym", "0.8"): ("25", "0.5"), ("cifar10", "sym", "0.9"): ("50", "0.6"),
+          ("cifar10", "asym", "0.4"): ("0", "0.5"), ("cifar100", "sym", "0.2"): ("25", "0.5"),
+          ("cifar100", "sym", "0.5"): ("150", "0.5"), ("cifar100", "sym", "0.8"): ("150", "0.5"),
+          ("cifar100", "sym", "0.9"): ("150", "0.6")}
+
+FAKE_TRAIN = """\
+import json, os, sys
+args = sys.argv[1:]
+out = args[args.index("--output_dir") + 1]
+with open(os.path.join(out, "called.json"), "w") as f:
+    json.dump({"args": args, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
+print("fake training output")
+sys.exit(3 if "0.8" in args else 0)
+"""
+
+
+@pytest.fixture
+def env(tmp_path):
+    """Environment with this Python, no CUDA_VISIBLE_DEVICES and an nvidia-smi that finds no GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_smi(bin_dir, "exit 9")
+    e = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    e["PYTHON"] = sys.executable
+    e["PATH"] = f"{bin_dir}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def fake_smi(bin_dir, body):
+    """An nvidia-smi stand-in running the given shell body."""
+    path = bin_dir / "nvidia-smi"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+def sweep(args, env, check=True):
+    """Run the sweep; returns the completed process."""
+    proc = subprocess.run(["bash", SWEEP] + [str(a) for a in args], env=env, capture_output=True, text=True,
+                          timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def commands(stdout):
+    """Parsed command lines of a dry run: list of (env assignment or None, argv dict, comment)."""
+    out = []
+    for line in stdout.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        command, _, comment = line.partition("  # ")
+        words = shlex.split(command)
+        cuda = words.pop(0).split("=", 1)[1] if words[0].startswith("CUDA_VISIBLE_DEVICES=") else None
+        redirect = words.index(">>")
+        flags, opts = words[2:redirect], {}
+        i = 0
+        while i < len(flags):
+            if i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+                opts[flags[i]] = flags[i + 1]
+                i += 2
+            else:
+                opts[flags[i]] = True
+                i += 1
+        opts["_log"] = words[redirect + 1]
+        opts["_script"] = words[1]
+        out.append((cuda, opts, comment))
+    return out
+
+
+def test_dry_run_lists_table1_with_presets(tmp_path, env):
+    """All nine cells, default seed 123, paper presets shown, run dirs and per-run noise files."""
+    root = tmp_path / "runs"
+    proc = sweep(["--dry-run", "--out", root, "--cifar10_path", "/d/c10", "--cifar100_path", "/d/c100"], env)
+    cmds = commands(proc.stdout)
+    assert len(cmds) == 9
+    seen = set()
+    for cuda, opts, comment in cmds:
+        cell = (opts["--dataset"], opts["--noise_mode"], opts["--r"])
+        seen.add(cell)
+        run_dir = os.path.join(str(root), "%s_%s_%s_seed123" % (cell[0], cell[1], cell[2]))
+        assert cuda is None  # no GPU found: the device is left to Train_cifar.py
+        assert opts["_script"] == os.path.join(REPO, "Train_cifar.py")
+        assert opts["--seed"] == "123" and opts["--gpuid"] == "0"
+        assert opts["--output_dir"] == run_dir
+        assert opts["--noise_file"] == os.path.join(run_dir, f"noise_{cell[2]}_{cell[1]}.json")
+        assert opts["_log"] == os.path.join(run_dir, "train.log")
+        assert opts["--data_path"] == ("/d/c10" if cell[0] == "cifar10" else "/d/c100")
+        assert "--resume" not in opts and "--lambda_u" not in opts
+        lambda_u, p_threshold = TABLE1[cell]
+        assert f"lambda_u={lambda_u} p_threshold={p_threshold} (paper preset)" in comment
+    assert seen == set(TABLE1)
+    assert not root.exists()  # a dry run creates nothing
+
+
+def test_cells_seeds_and_pass_through(tmp_path, env):
+    """Chosen cells times seeds, in order; arguments after -- reach every command."""
+    proc = sweep(["--dry-run", "--out", tmp_path, "--seeds", "1", "2", "3", "cifar100:sym:0.9", "cifar10:sym:0.5",
+                  "--", "--num_epochs", "5", "--eval_batch_size", "256"], env)
+    cmds = commands(proc.stdout)
+    got = [(o["--dataset"], o["--r"], o["--seed"], os.path.basename(o["--output_dir"])) for _, o, _ in cmds]
+    assert got == [("cifar100", "0.9", s, f"cifar100_sym_0.9_seed{s}") for s in "123"] + \
+        [("cifar10", "0.5", s, f"cifar10_sym_0.5_seed{s}") for s in "123"]
+    assert all(o["--num_epochs"] == "5" and o["--eval_batch_size"] == "256" for _, o, _ in cmds)
+    assert "lambda_u=150 p_threshold=0.6" in cmds[0][2]
+
+
+def test_overridden_preset_is_shown(tmp_path, env):
+    """A --lambda_u after -- is what the dry run reports."""
+    proc = sweep(["--dry-run", "--out", tmp_path, "cifar10:sym:0.2", "--", "--lambda_u", "7"], env)
+    (_, opts, comment), = commands(proc.stdout)
+    assert opts["--lambda_u"] == "7" and "lambda_u=7 p_threshold=0.5 (set after --)" in comment
+
+
+def write_run(run_dir, dataset, r, mode, num_epochs, last_epoch, checkpoint, cut_line=False):
+    """Fake Train_cifar.py outputs: config, a log up to last_epoch, optionally a checkpoint."""
+    run_dir.mkdir(parents=True)
+    prefix = "%s_%.1f_%s" % (dataset, r, mode)
+    (run_dir / f"{prefix}_config.json").write_text(json.dumps({"args": {"num_epochs": num_epochs},
+                                                               "script": "Train_cifar.py"}))
+    lines = [json.dumps({"epoch": e, "phase": "train", "test_acc": 50.0}) for e in range(last_epoch + 1)]
+    text = "\n".join(lines) + "\n" + ('{"epoch": %d, "pha' % (last_epoch + 1) if cut_line else "")
+    (run_dir / f"{prefix}_log.jsonl").write_text(text)
+    if checkpoint:
+        (run_dir / f"{prefix}_checkpoint.pth.tar").write_bytes(b"x")
+
+
+def test_finished_skipped_interrupted_resumed(tmp_path, env):
+    """Finished runs are skipped, checkpointed ones get --resume, logs without a checkpoint are blocked."""
+    root = tmp_path / "runs"
+    write_run(root / "cifar10_sym_0.5_seed1", "cifar10", 0.5, "sym", 300, 300, checkpoint=True)
+    write_run(root / "cifar10_sym_0.5_seed2", "cifar10", 0.5, "sym", 300, 123, checkpoint=True, cut_line=True)
+    write_run(root / "cifar10_sym_0.5_seed3", "cifar10", 0.5, "sym", 300, 4, checkpoint=False)
+    proc = sweep(["--dry-run", "--out", root, "--seeds", "1", "2", "3", "4", "cifar10:sym:0.5"], env)
+    cmds = commands(proc.stdout)
+    assert [(o["--seed"], "--resume" in o) for _, o, _ in cmds] == [("2", True), ("4", False)]
+    assert "resume (epoch 123/300)" in cmds[0][2]
+    assert f"# skip {root / 'cifar10_sym_0.5_seed1'}: finished (epoch 300/300)" in proc.stdout
+    assert "cifar10_sym_0.5_seed3 holds cifar10_0.5_sym logs but no checkpoint" in proc.stderr
+    # A longer --num_epochs after -- turns the finished run into one to continue.
+    proc = sweep(["--dry-run", "--out", root, "--seeds", "1", "cifar10:sym:0.5", "--", "--num_epochs", "400"], env)
+    (_, opts, comment), = commands(proc.stdout)
+    assert opts["--resume"] is True and "epoch 300/400" in comment
+
+
+def test_gpus_round_robin(tmp_path, env):
+    """--gpus 0 1: runs alternate between the GPUs, each with CUDA_VISIBLE_DEVICES and --gpuid 0."""
+    proc = sweep(["--dry-run", "--out", tmp_path, "--gpus", "0", "1", "--seeds", "1", "2", "3", "cifar10:sym:0.5"],
+                 env)
+    cmds = commands(proc.stdout)
+    assert [c for c, _, _ in cmds] == ["0", "1", "0"]
+    assert all(o["--gpuid"] == "0" for _, o, _ in cmds)
+    assert [comment.rsplit("; ", 1)[1] for _, _, comment in cmds] == ["gpu 0", "gpu 1", "gpu 0"]
+    assert "2 worker(s) on GPU(s): 0 1" in proc.stdout
+
+
+def test_gpus_found_by_nvidia_smi_or_env(tmp_path, env):
+    """Without --gpus: $CUDA_VISIBLE_DEVICES wins, else every GPU nvidia-smi lists."""
+    fake_smi(tmp_path / "bin", "printf '0\\n1\\n2\\n'")
+    cmds = commands(sweep(["--dry-run", "--out", tmp_path, "--seeds", "1", "2", "3", "4", "cifar10:sym:0.5"],
+                          env).stdout)
+    assert [c for c, _, _ in cmds] == ["0", "1", "2", "0"]
+    cmds = commands(sweep(["--dry-run", "--out", tmp_path, "--seeds", "1", "2", "cifar10:sym:0.5"],
+                          dict(env, CUDA_VISIBLE_DEVICES="5,7")).stdout)
+    assert [c for c, _, _ in cmds] == ["5", "7"]
+
+
+def test_usage_errors(tmp_path, env):
+    """Bad cells, flags the sweep owns, unknown options: exit 2 with one error line."""
+    for args in (["cifar10:sym"], ["cifar10:foo:0.5"], ["svhn:sym:0.5"], ["cifar10:sym:1.5"], ["--bogus"],
+                 ["--seeds"], ["--", "--seed", "3"], ["--", "--output_dir=x"]):
+        proc = sweep(["--dry-run", "--out", tmp_path] + args, env, check=False)
+        assert proc.returncode == 2, args
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (args, proc.stderr)
+
+
+def test_execution_with_fake_trainer(tmp_path, env):
+    """Runs really start: per-GPU environment, output appended to train.log, a failed run makes exit 1."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    root = tmp_path / "runs"
+    proc = sweep(["--out", root, "--gpus", "3", "4", "cifar10:sym:0.5", "cifar10:sym:0.8", "cifar100:sym:0.2"],
+                 dict(env, TRAIN_SCRIPT=str(fake)), check=False)
+    assert proc.returncode == 1
+    assert "FAILED" in proc.stderr and "cifar10_sym_0.8_seed123" in proc.stderr
+    called = {d: json.loads((root / d / "called.json").read_text())
+              for d in ("cifar10_sym_0.5_seed123", "cifar10_sym_0.8_seed123", "cifar100_sym_0.2_seed123")}
+    assert [c["cuda"] for c in called.values()] == ["3", "4", "3"]
+    assert called["cifar100_sym_0.2_seed123"]["args"][:4] == ["--dataset", "cifar100", "--noise_mode", "sym"]
+    log = (root / "cifar10_sym_0.5_seed123" / "train.log").read_text()
+    assert log.startswith("=== sweep ") and "fake training output" in log
+    # Running the failed cell again appends to its train.log and fails again with exit status 1.
+    proc = sweep(["--out", root, "--gpus", "3", "cifar10:sym:0.8"], dict(env, TRAIN_SCRIPT=str(fake)), check=False)
+    assert proc.returncode == 1
+    assert (root / "cifar10_sym_0.8_seed123" / "train.log").read_text().count("=== sweep ") == 2
