@@ -276,10 +276,11 @@ def main(args):
         print(f"resumed from epoch {resume['epoch']}", flush=True)
     else:
         logs.start()
+        # Written once, at a fresh start: a resumed run keeps the record of how it was started.
+        with open(os.path.join(out, prefix + "_config.json"), "w") as f:
+            json.dump({"args": vars(args), "sources": sources, "num_train": len(data), "device": str(device),
+                       "torch": torch.__version__, "script": "Train_cifar.py"}, f, indent=1)
     os.makedirs(loss_dir, exist_ok=True)
-    with open(os.path.join(out, prefix + "_config.json"), "w") as f:
-        json.dump({"args": vars(args), "sources": sources, "num_train": len(data), "device": str(device),
-                   "torch": torch.__version__, "script": "Train_cifar.py"}, f, indent=1)
 
     # ---- epochs --------------------------------------------------------------------------------------------
     test_loader = data.test_loader(args.eval_batch_size)

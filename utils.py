@@ -137,8 +137,8 @@ class RunLogs:
         self.files = {}
 
     def existing(self):
-        """Paths among this run's logs that already exist."""
-        return [p for p in self.paths.values() if os.path.exists(p)]
+        """Paths among this run's logs that exist and hold something (a run that died before logging is not)."""
+        return [p for p in self.paths.values() if os.path.exists(p) and os.path.getsize(p) > 0]
 
     def start(self):
         """Open every log fresh."""

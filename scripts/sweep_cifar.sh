@@ -193,7 +193,8 @@ def run_state(run_dir, prefix, num_epochs_flag):
         return "finished", f"epoch {done}/{target}"
     if os.path.isfile(ckpt_path):
         return "resume", f"epoch {done}/{target}" if done is not None else "checkpoint"
-    if os.path.exists(log_path) or os.path.exists(config_path):
+    logged = [os.path.join(run_dir, prefix + suffix) for suffix in ("_log.jsonl", "_acc.txt", "_stats.txt")]
+    if any(os.path.isfile(p) and os.path.getsize(p) > 0 for p in logged):
         return "blocked", (f"{run_dir} holds {prefix} logs but no checkpoint, so Train_cifar.py would refuse it: "
                            "remove that directory to start the run again")
     return "new", "no output yet"

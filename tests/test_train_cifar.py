@@ -170,3 +170,10 @@ def test_importing_does_not_train():
     proc = subprocess.run([sys.executable, "-c", "import Train_cifar; print('ok')"], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.stdout.strip() == "ok"
+
+
+def test_a_run_that_died_before_logging_starts_again(data_dir, tmp_path):
+    for suffix in ("_acc.txt", "_stats.txt", "_log.jsonl"):
+        (tmp_path / (PREFIX + suffix)).write_text("")
+    run_train("--data_path", data_dir, "--output_dir", tmp_path, "--num_epochs", 0, *FAST)
+    assert (tmp_path / (PREFIX + "_acc.txt")).read_text().startswith("Epoch:0   Accuracy:")
