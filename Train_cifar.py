@@ -8,7 +8,6 @@ split by a two-component GMM into a labeled (clean) and an unlabeled (noisy) set
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -19,11 +18,11 @@ import torch
 import torch.optim as optim
 
 import dataloader_cifar
-from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, set_learning_rate,
-                       train_epoch, warmup_epoch)
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, eval_train, evaluate, gmm_summary,
+                       normalise_losses, set_learning_rate, warmup_epoch)
 from PreResNet import ResNet18
-from utils import (CheckpointWriter, RunLogs, UserError, check_resume_args, get_rng_state, load_checkpoint, run_main,
-                   seed_everything, select_device, set_rng_state)
+from utils import (CheckpointWriter, RunLogs, UserError, get_rng_state, json_safe, open_run, run_main, seed_everything,
+                   select_device, set_rng_state, timed)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -132,17 +131,6 @@ def create_optimizer(net, lr):
     return optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
-def _json_safe(value):
-    """NaN and infinities become null so every log line is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs, loss_dir):
     """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records."""
     timing, divisions = {}, [None, None]
@@ -159,7 +147,7 @@ def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device,
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
             if pending is not None:
                 divisions[k - 1], timing[f"gmm{k}"] = pending.result()
-            pending = pool.submit(_timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
+            pending = pool.submit(timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
                                   data.clean_mask)
             if device.type != "cuda":
                 divisions[k], timing[f"gmm{k + 1}"] = pending.result()
@@ -175,32 +163,15 @@ def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device,
                                               or epoch == args.num_epochs):
         save_division(os.path.join(loss_dir, "epoch_%03d.npz" % epoch), divisions, data.clean_mask, cfg.p_threshold)
 
-    for k, net in enumerate(nets):
-        other = 1 - k
-        prob = divisions[other][0]  # co-divide: net k learns from the other net's division
-        pred = prob > cfg.p_threshold
-        labeled = data.labeled_loader(pred, prob, args.batch_size)
-        unlabeled = data.unlabeled_loader(pred, args.batch_size)
-        if labeled.num_samples == 0:
-            print(f"net{k + 1}: net{other + 1}'s division labels no sample; net{k + 1} is not trained this epoch")
-        elif unlabeled is None:
-            print(f"net{k + 1}: net{other + 1}'s division leaves no unlabeled sample; MixMatch over labeled rows only")
-        t0 = time.perf_counter()
-        result = train_epoch(epoch, net, nets[other], optimizers[k], labeled, unlabeled, cfg, device,
-                             desc=f"epoch {epoch} net{k + 1}")
-        timing[f"train{k + 1}"] = time.perf_counter() - t0
-        records[k].update(result)
-        records[k]["gmm"] = {"means": divisions[k][2].means_.ravel().tolist(),
-                             "vars": divisions[k][2].covariances_.ravel().tolist(),
-                             "weights": divisions[k][2].weights_.ravel().tolist()}
+    def make_loaders(k, pred, prob):
+        """Labeled and unlabeled loaders of net k's division."""
+        return data.labeled_loader(pred, prob, args.batch_size), data.unlabeled_loader(pred, args.batch_size)
+
+    results = co_train(epoch, nets, optimizers, [d[0] for d in divisions], make_loaders, cfg, device)
+    for k, result in enumerate(results):
+        timing[f"train{k + 1}"] = result.pop("seconds")
+        records[k].update(result, gmm=gmm_summary(divisions[k][2]))
     return records, timing
-
-
-def _timed(fn, *args):
-    """fn(*args) and the seconds it took."""
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - t0
 
 
 def save_division(path, divisions, clean_mask, p_threshold):
@@ -225,18 +196,7 @@ def main(args):
     ckpt_path = os.path.join(out, prefix + "_checkpoint.pth.tar")
     loss_dir = os.path.join(out, prefix + "_losses")
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
-    resume = None
-    if args.resume:
-        path = ckpt_path if args.resume == "auto" else args.resume
-        if os.path.isdir(path):
-            path = os.path.join(path, prefix + "_checkpoint.pth.tar")
-        if not os.path.isfile(path):
-            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
-        resume = load_checkpoint(path)
-        check_resume_args(resume["args"], defining, DEFINING_ARGS)
-    elif logs.existing() or os.path.exists(ckpt_path):
-        raise UserError(f"{out} already holds a {prefix} run: pass --resume to continue it, or choose another "
-                        "--output_dir (nothing was overwritten)")
+    resume = open_run(logs, ckpt_path, args.resume, defining, prefix)
 
     # ---- data ----------------------------------------------------------------------------------------------
     device = select_device(args.gpuid)
@@ -306,7 +266,7 @@ def main(args):
         timing["test"] = time.perf_counter() - t0
         seconds = time.perf_counter() - t_epoch
         logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))
-        logs.write_json("json", _json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
+        logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
                                             "net1": records[0], "net2": records[1], "seconds": seconds,
                                             "time": timing}))
         summary = f"epoch {epoch:3d} {phase:6s} test {acc:6.2f}%  lr {lr:g}  {seconds:.1f}s"

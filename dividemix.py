@@ -7,6 +7,7 @@ here knows which dataset it trains on. Loaders yield tuples of tensors:
   labeled:    (x, x2, labels, w)          unlabeled: (u, u2)          test: (images, labels)
 A loader may expose `num_samples` (else len(loader.dataset) is used) and must expose `batch_size`.
 """
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -278,6 +279,35 @@ def train_epoch(epoch, net, net2, optimizer, labeled_loader, unlabeled_loader, c
         return {"Lx": float("nan"), "Lu": float("nan"), "lambda": float("nan"), "iterations": 0}
     Lx_mean, Lu_mean = (sums / steps).tolist()
     return {"Lx": Lx_mean, "Lu": Lu_mean, "lambda": lambda_sum / steps, "iterations": steps}
+
+
+def co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device):
+    """Co-divide: train each net on the division made by the OTHER net's clean probabilities.
+
+    make_loaders(k, pred, prob) builds (labeled, unlabeled) from net k's division; unlabeled may be None.
+    Returns per net the train_epoch result plus its seconds.
+    """
+    results = []
+    for k, net in enumerate(nets):
+        other = 1 - k
+        prob = probs[other]
+        labeled, unlabeled = make_loaders(other, prob > cfg.p_threshold, prob)
+        if _num_samples(labeled) == 0:
+            print(f"net{k + 1}: net{other + 1}'s division labels no sample; net{k + 1} is not trained this epoch")
+        elif unlabeled is None:
+            print(f"net{k + 1}: net{other + 1}'s division leaves no unlabeled sample; MixMatch over labeled rows only")
+        t0 = time.perf_counter()
+        result = train_epoch(epoch, net, nets[other], optimizers[k], labeled, unlabeled, cfg, device,
+                             desc=f"epoch {epoch} net{k + 1}")
+        result["seconds"] = time.perf_counter() - t0
+        results.append(result)
+    return results
+
+
+def gmm_summary(gmm):
+    """The fitted GMM's means, variances and weights as lists (for the JSON log)."""
+    return {"means": gmm.means_.ravel().tolist(), "vars": gmm.covariances_.ravel().tolist(),
+            "weights": gmm.weights_.ravel().tolist()}
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Infrastructure shared by the training scripts: errors, seeding, RNG state, checkpoints, logs, progress."""
 import json
+import math
 import os
 import random
 import sys
@@ -126,6 +127,45 @@ def check_resume_args(saved, current, keys):
         if key in saved and saved[key] != current.get(key):
             raise UserError(f"--resume checkpoint was made with --{key} {saved[key]!r}, this run has "
                             f"{current.get(key)!r}: pass the same value or start a new --output_dir")
+
+
+def open_run(logs, ckpt_path, resume_arg, defining, name):
+    """The checkpoint to resume from (checked against the defining args), or None for a fresh start.
+
+    resume_arg: None (fresh start), "auto" (ckpt_path), a checkpoint file or a folder holding ckpt_path's file.
+    A fresh start where this run's logs or checkpoint already exist is refused, so nothing is overwritten.
+    """
+    if resume_arg:
+        path = ckpt_path if resume_arg == "auto" else resume_arg
+        if os.path.isdir(path):
+            path = os.path.join(path, os.path.basename(ckpt_path))
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
+        checkpoint = load_checkpoint(path)
+        check_resume_args(checkpoint["args"], defining, defining.keys())
+        return checkpoint
+    if logs.existing() or os.path.exists(ckpt_path):
+        raise UserError(f"{os.path.dirname(ckpt_path) or '.'} already holds a {name} run: pass --resume to continue "
+                        "it, or choose another --output_dir (nothing was overwritten)")
+    return None
+
+
+def json_safe(value):
+    """NaN and infinities become null so every log line is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def timed(fn, *args):
+    """fn(*args) and the seconds it took."""
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0
 
 
 class RunLogs:
