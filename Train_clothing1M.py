@@ -1,0 +1,210 @@
+"""DivideMix on Clothing1M (14 classes, real-world label noise) with ImageNet-pretrained ResNet-50s.
+
+    python Train_clothing1M.py --data_path ./clothing1M
+
+Differences from CIFAR (SPEC section 2): each epoch trains on fresh class-balanced draws of the noisy training
+list; the division used in an epoch was made at the END of the previous one, each net on its own draw; only the
+labeled rows enter the loss (Lx + penalty); warm-up adds the confidence penalty; the best-validation weights of
+each net are kept and tested together at the end.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.optim as optim
+import torchvision
+
+from dataloader_clothing1M import Clothing1M
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, eval_train, evaluate, gmm_summary,
+                       normalise_losses, set_learning_rate, warmup_epoch)
+from imagelist import default_num_workers
+from utils import (CheckpointWriter, RunLogs, UserError, atomic_save, get_rng_state, json_safe, open_run, run_main,
+                   seed_everything, select_device, set_rng_state)
+
+LR_DECAY_EPOCH = 40
+DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
+                 "warm_up", "pretrained", "image_size")
+
+
+def get_args_parser():
+    """The original code's flags and defaults, plus the new ones."""
+    p = argparse.ArgumentParser(description="DivideMix on Clothing1M")
+    p.add_argument("--batch_size", default=32, type=int)
+    p.add_argument("--lr", "--learning_rate", default=0.002, type=float, dest="lr")
+    p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
+    p.add_argument("--lambda_u", default=0, type=float, help="weight for unsupervised loss (unused: labeled rows only)")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+    p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
+    p.add_argument("--num_epochs", default=80, type=int, help="last epoch (epochs 0..num_epochs are run)")
+    p.add_argument("--id", default="clothing1m", type=str)
+    p.add_argument("--data_path", default="../../Clothing1M/data", type=str)
+    p.add_argument("--seed", default=123, type=int)
+    p.add_argument("--gpuid", default=0, type=int)
+    p.add_argument("--num_class", default=14, type=int)
+    p.add_argument("--num_batches", default=1000, type=int, help="batches per epoch (sets the size of each draw)")
+    p.add_argument("--warm_up", default=1, type=int, help="warm-up epochs")
+    p.add_argument("--output_dir", default="./checkpoint", type=str)
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
+    p.add_argument("--pretrained", default="imagenet",
+                   help="'imagenet' (torchvision's IMAGENET1K_V1 weights), a state-dict file, or 'none'")
+    p.add_argument("--image_size", default=224, type=int, help="crop size (resize = size * 256 / 224); paper: 224")
+    p.add_argument("--num_workers", default=default_num_workers(), type=int, help="image-loading processes")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, off on the CPU)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def create_model(pretrained, num_class, device, precision):
+    """ResNet-50 with ImageNet weights (or a local state dict, or none) and a new num_class-way linear head."""
+    weights_enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+    if pretrained == "imagenet":
+        try:
+            net = torchvision.models.resnet50(weights=weights_enum)
+        except Exception as exc:
+            cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights_enum.url))
+            raise UserError(f"cannot load the ImageNet weights of ResNet-50 ({type(exc).__name__}): place "
+                            f"{os.path.basename(weights_enum.url)} at {cache}, or pass --pretrained PATH to a state "
+                            "dict, or --pretrained none") from None
+    else:
+        net = torchvision.models.resnet50(weights=None)
+        if pretrained != "none":
+            try:
+                state = torch.load(pretrained, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise UserError(f"--pretrained {pretrained}: cannot read it as a state dict ({type(exc).__name__}); "
+                                "pass 'imagenet', 'none' or a ResNet-50 state-dict file") from None
+            state = {k: v for k, v in state.get("state_dict", state).items() if not k.startswith("fc.")}
+            missing = [k for k in net.load_state_dict(state, strict=False).missing_keys if not k.startswith("fc.")]
+            if missing:
+                raise UserError(f"--pretrained {pretrained} lacks {len(missing)} ResNet-50 weights (e.g. {missing[0]})")
+    net.fc = nn.Linear(net.fc.in_features, num_class)
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if precision.channels_last else net
+
+
+def main(args):
+    """Set up, run epochs start..num_epochs (train, validate, divide for the next epoch), then test."""
+    # ---- settings ------------------------------------------------------------------------------------------
+    if args.num_batches < 1 or args.batch_size < 1 or args.image_size < 32:
+        raise UserError("--num_batches and --batch_size must be positive and --image_size at least 32")
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    logs = RunLogs({"acc": os.path.join(out, args.id + ".txt"), "json": os.path.join(out, args.id + "_log.jsonl")})
+    ckpt_path = os.path.join(out, args.id + "_checkpoint.pth.tar")
+    best_paths = [os.path.join(out, f"{args.id}_net{k}.pth.tar") for k in (1, 2)]
+    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    resume = open_run(logs, ckpt_path, args.resume, defining, args.id)
+    device = select_device(args.gpuid)
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
+    seed_everything(args.seed)
+
+    # ---- data and models -----------------------------------------------------------------------------------
+    data = Clothing1M(args.data_path, args.num_class, args.batch_size, args.num_batches, args.image_size,
+                      args.num_workers, device)
+    print(f"data: {len(data.train_paths)} noisy training images, {len(data.val_paths)} val, {len(data.test_paths)} "
+          f"test; {args.num_batches * args.batch_size} drawn for each loss evaluation", flush=True)
+    nets = [create_model(args.pretrained, args.num_class, device, precision) for _ in range(2)]
+    optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-3) for n in nets]
+    cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
+                          p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=False,
+                          precision=precision)
+    divisions = [None, None]  # per net: (indices of its draw, clean probability), made at the end of an epoch
+    best = [0.0, 0.0]
+    start_epoch = 0
+    if resume is not None:
+        for k in range(2):
+            nets[k].load_state_dict(resume["nets"][k])
+            optimizers[k].load_state_dict(resume["optimizers"][k])
+        divisions, best, start_epoch = resume["divisions"], resume["best"], resume["epoch"] + 1
+        logs.resume(resume["log_sizes"])
+        set_rng_state(resume["rng"])
+        print(f"resumed from epoch {resume['epoch']}", flush=True)
+    else:
+        logs.start()
+        with open(os.path.join(out, args.id + "_config.json"), "w") as f:
+            json.dump({"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
+                       "torch": torch.__version__, "script": "Train_clothing1M.py"}, f, indent=1)
+
+    # ---- epochs --------------------------------------------------------------------------------------------
+    checkpoints = CheckpointWriter()
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        t_epoch, timing = time.perf_counter(), {}
+        lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
+        if epoch < args.warm_up:
+            phase, records = "warmup", []
+            for k, net in enumerate(nets):  # each net warms up on its own class-balanced draw
+                t0 = time.perf_counter()
+                loss = warmup_epoch(net, optimizers[k], data.warmup_loader(np.random), device, penalty=True,
+                                    desc=f"warm-up {epoch} net{k + 1}", precision=precision)
+                timing[f"warmup{k + 1}"] = time.perf_counter() - t0
+                records.append({"loss": loss})
+        else:
+            phase = "train"
+
+            def make_loaders(k, pred, prob):
+                """Loaders of net k's division of its own draw."""
+                idx = divisions[k][0]
+                return data.labeled_loader(idx, pred, prob), data.unlabeled_loader(idx, pred)
+
+            results = co_train(epoch, nets, optimizers, [d[1] for d in divisions], make_loaders, cfg, device)
+            records = []
+            for k, result in enumerate(results):
+                timing[f"train{k + 1}"] = result.pop("seconds")
+                records.append(result)
+
+        # validation of each net alone; each keeps its best weights
+        t0 = time.perf_counter()
+        accs = [evaluate([net], data.val_loader, device, precision=precision)[0] for net in nets]
+        timing["val"] = time.perf_counter() - t0
+        for k in range(2):
+            if accs[k] > best[k]:
+                best[k] = accs[k]
+                atomic_save(nets[k].state_dict(), best_paths[k])
+        logs.write("acc", "Validation Epoch:%d      Acc1:%.2f  Acc2:%.2f\n" % (epoch, accs[0], accs[1]))
+
+        # loss evaluation on a fresh draw per net: the division for the next epoch
+        for k, net in enumerate(nets):
+            t0 = time.perf_counter()
+            idx = data.draw(args.num_batches * args.batch_size, np.random)
+            losses = eval_train(net, data.eval_loader(idx), device, precision)
+            prob, _, gmm, stats = co_divide([normalise_losses(losses)], args.p_threshold, 1)
+            divisions[k] = (idx, prob)
+            records[k].update(stats, gmm=gmm_summary(gmm))
+            timing[f"eval{k + 1}"] = time.perf_counter() - t0
+
+        seconds = time.perf_counter() - t_epoch
+        logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
+                                           "val_acc2": accs[1], "net1": records[0], "net2": records[1],
+                                           "seconds": seconds, "time": timing}))
+        print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
+              f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws", flush=True)
+        checkpoints.save({"epoch": epoch, "args": defining, "all_args": vars(args),
+                          "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
+                          "divisions": divisions, "best": best, "rng": get_rng_state(), "log_sizes": logs.sizes()},
+                         ckpt_path)
+    checkpoints.close()
+
+    # ---- test: the two best-validation nets together -------------------------------------------------------
+    for k in range(2):
+        if os.path.exists(best_paths[k]):
+            nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
+    acc = evaluate(nets, data.test_loader(), device, precision=precision)[0]
+    logs.write("acc", "Test Accuracy:%.2f\n" % acc)
+    logs.write_json("json", {"phase": "test", "test_acc": acc})
+    print(f"test accuracy of the best-validation nets: {acc:.2f}%", flush=True)
+    logs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))
