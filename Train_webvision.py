@@ -1,0 +1,169 @@
+"""DivideMix on WebVision 1.0 (first 50 classes of the Google subset) with Inception-ResNet-v2s from scratch.
+
+    python Train_webvision.py --data_path ./webvision
+
+Differences from CIFAR (SPEC section 3): the division used in an epoch was made at the END of the previous one;
+only the labeled rows enter the loss (Lx + penalty); warm-up is plain cross-entropy; after each epoch the summed
+logits are scored top-1/top-5 on WebVision val and on ImageNet val of the same 50 classes.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.optim as optim
+
+from dataloader_webvision import WebVision
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, eval_train, evaluate, gmm_summary,
+                       normalise_losses, set_learning_rate, warmup_epoch)
+from imagelist import default_num_workers
+from InceptionResNetV2 import InceptionResNetV2
+from utils import (CheckpointWriter, RunLogs, UserError, get_rng_state, json_safe, open_run, run_main, seed_everything,
+                   select_device, set_rng_state)
+
+LR_DECAY_EPOCH = 40
+DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
+                 "image_size", "train_crop")
+
+
+def get_args_parser():
+    """The original code's flags and defaults, plus the new ones."""
+    p = argparse.ArgumentParser(description="DivideMix on WebVision")
+    p.add_argument("--batch_size", default=32, type=int)
+    p.add_argument("--lr", "--learning_rate", default=0.01, type=float, dest="lr")
+    p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
+    p.add_argument("--lambda_u", default=0, type=float, help="weight for unsupervised loss (unused: labeled rows only)")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+    p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
+    p.add_argument("--num_epochs", default=80, type=int, help="last epoch (epochs 0..num_epochs are run)")
+    p.add_argument("--id", default="webvision", type=str)
+    p.add_argument("--seed", default=123, type=int)
+    p.add_argument("--gpuid", default=0, type=int)
+    p.add_argument("--num_class", default=50, type=int)
+    p.add_argument("--data_path", default="./dataset/", type=str)
+    p.add_argument("--warm_up", default=1, type=int, help="warm-up epochs")
+    p.add_argument("--output_dir", default="./checkpoint", type=str)
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
+    p.add_argument("--train_crop", default="random_resized", help="random_resized (current original code) or center "
+                                                                  "(behind the published numbers)")
+    p.add_argument("--image_size", default=299, type=int, help="crop size (resize = size * 320 / 299); paper: 299")
+    p.add_argument("--num_workers", default=default_num_workers(), type=int, help="image-loading processes")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA, off on the CPU)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    return p
+
+
+def create_model(num_class, device, precision):
+    """Inception-ResNet-v2 from scratch on the training device."""
+    net = InceptionResNetV2(num_classes=num_class).to(device)
+    return net.to(memory_format=torch.channels_last) if precision.channels_last else net
+
+
+def main(args):
+    """Set up, then run epochs start..num_epochs: train, test on both val sets, divide for the next epoch."""
+    # ---- settings ------------------------------------------------------------------------------------------
+    if args.batch_size < 1 or args.image_size < 75:
+        raise UserError("--batch_size must be positive and --image_size at least 75 (the network's smallest input)")
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    logs = RunLogs({"acc": os.path.join(out, args.id + "_acc.txt"), "stats": os.path.join(out, args.id + "_stats.txt"),
+                    "json": os.path.join(out, args.id + "_log.jsonl")})
+    ckpt_path = os.path.join(out, args.id + "_checkpoint.pth.tar")
+    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    resume = open_run(logs, ckpt_path, args.resume, defining, args.id)
+    device = select_device(args.gpuid)
+    if args.amp is None:
+        args.amp = device.type == "cuda"
+    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
+    seed_everything(args.seed)
+
+    # ---- data and models -----------------------------------------------------------------------------------
+    data = WebVision(args.data_path, args.num_class, args.batch_size, args.image_size, args.train_crop,
+                     args.num_workers, device)
+    print(f"data: {len(data.train_paths)} training images, {len(data.val_paths)} WebVision val, "
+          f"{len(data.imagenet_paths)} ImageNet val", flush=True)
+    nets = [create_model(args.num_class, device, precision) for _ in range(2)]
+    optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4) for n in nets]
+    cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
+                          p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=False,
+                          precision=precision)
+    probs = [None, None]  # per net: clean probability of every training image, made at the end of an epoch
+    start_epoch = 0
+    if resume is not None:
+        for k in range(2):
+            nets[k].load_state_dict(resume["nets"][k])
+            optimizers[k].load_state_dict(resume["optimizers"][k])
+        probs, start_epoch = resume["probs"], resume["epoch"] + 1
+        logs.resume(resume["log_sizes"])
+        set_rng_state(resume["rng"])
+        print(f"resumed from epoch {resume['epoch']}", flush=True)
+    else:
+        logs.start()
+        with open(os.path.join(out, args.id + "_config.json"), "w") as f:
+            json.dump({"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
+                       "torch": torch.__version__, "script": "Train_webvision.py"}, f, indent=1)
+
+    # ---- epochs --------------------------------------------------------------------------------------------
+    checkpoints = CheckpointWriter()
+    for epoch in range(start_epoch, args.num_epochs + 1):
+        t_epoch, timing = time.perf_counter(), {}
+        lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
+        if epoch < args.warm_up:
+            phase, records = "warmup", []
+            for k, net in enumerate(nets):
+                t0 = time.perf_counter()
+                loss = warmup_epoch(net, optimizers[k], data.warmup_loader(), device, penalty=False,
+                                    desc=f"warm-up {epoch} net{k + 1}", precision=precision)
+                timing[f"warmup{k + 1}"] = time.perf_counter() - t0
+                records.append({"loss": loss})
+        else:
+            phase = "train"
+
+            def make_loaders(k, pred, prob):
+                """Loaders of net k's division; the original logs each division's size as it is used."""
+                logs.write("stats", "Numer of labeled samples:%d \n" % pred.sum())
+                return data.labeled_loader(pred, prob), data.unlabeled_loader(pred)
+
+            results = co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device)
+            records = []
+            for k, result in enumerate(results):
+                timing[f"train{k + 1}"] = result.pop("seconds")
+                records.append(result)
+
+        t0 = time.perf_counter()
+        web1, web5 = evaluate(nets, data.val_loader, device, ks=(1, 5), precision=precision)
+        img1, img5 = evaluate(nets, data.imagenet_loader, device, ks=(1, 5), precision=precision)
+        timing["test"] = time.perf_counter() - t0
+        logs.write("acc", "Epoch:%d \t WebVision Acc: %.2f%% (%.2f%%) \t ImageNet Acc: %.2f%% (%.2f%%)\n"
+                   % (epoch, web1, web5, img1, img5))
+
+        # loss evaluation over the whole training list: the division for the next epoch
+        for k, net in enumerate(nets):
+            t0 = time.perf_counter()
+            losses = eval_train(net, data.eval_loader, device, precision)
+            probs[k], _, gmm, stats = co_divide([normalise_losses(losses)], args.p_threshold, 1)
+            records[k].update(stats, gmm=gmm_summary(gmm))
+            timing[f"eval{k + 1}"] = time.perf_counter() - t0
+
+        seconds = time.perf_counter() - t_epoch
+        logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
+                                           "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
+                                           "net1": records[0], "net2": records[1], "seconds": seconds,
+                                           "time": timing}))
+        print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
+              f"lr {lr:g}  {seconds:.1f}s", flush=True)
+        checkpoints.save({"epoch": epoch, "args": defining, "all_args": vars(args),
+                          "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
+                          "probs": probs, "rng": get_rng_state(), "log_sizes": logs.sizes()}, ckpt_path)
+    checkpoints.close()
+    logs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, get_args_parser().parse_args()))
