@@ -7,7 +7,6 @@ split by a two-component GMM into a labeled (clean) and an unlabeled (noisy) set
 (co-divide), which trains on them with MixMatch, label co-refinement and co-guessing.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,11 +17,11 @@ import torch
 import torch.optim as optim
 
 import dataloader_cifar
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, eval_train, evaluate, gmm_summary,
-                       normalise_losses, set_learning_rate, warmup_epoch)
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
+                       normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
-from utils import (CheckpointWriter, RunLogs, UserError, get_rng_state, json_safe, open_run, run_main, seed_everything,
-                   select_device, set_rng_state, timed)
+from utils import (CheckpointWriter, RunLogs, UserError, begin_run, json_safe, open_run, restore_run, run_main, run_state,
+                   seed_everything, select_device, timed)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -167,9 +166,9 @@ def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device,
         """Labeled and unlabeled loaders of net k's division."""
         return data.labeled_loader(pred, prob, args.batch_size), data.unlabeled_loader(pred, args.batch_size)
 
-    results = co_train(epoch, nets, optimizers, [d[0] for d in divisions], make_loaders, cfg, device)
+    results, train_timing = co_train(epoch, nets, optimizers, [d[0] for d in divisions], make_loaders, cfg, device)
+    timing.update(train_timing)
     for k, result in enumerate(results):
-        timing[f"train{k + 1}"] = result.pop("seconds")
         records[k].update(result, gmm=gmm_summary(divisions[k][2]))
     return records, timing
 
@@ -226,20 +225,12 @@ def main(args):
                           loss_window=args.loss_window, precision=precision)
     start_epoch = 0
     if resume is not None:
-        for k in range(2):
-            nets[k].load_state_dict(resume["nets"][k])
-            optimizers[k].load_state_dict(resume["optimizers"][k])
-            histories[k] = list(resume["histories"][k])
-        start_epoch = resume["epoch"] + 1
-        logs.resume(resume["log_sizes"])
-        set_rng_state(resume["rng"])
-        print(f"resumed from epoch {resume['epoch']}", flush=True)
+        start_epoch = restore_run(resume, nets, optimizers, logs)
+        histories = [list(h) for h in resume["histories"]]
     else:
-        logs.start()
-        # Written once, at a fresh start: a resumed run keeps the record of how it was started.
-        with open(os.path.join(out, prefix + "_config.json"), "w") as f:
-            json.dump({"args": vars(args), "sources": sources, "num_train": len(data), "device": str(device),
-                       "torch": torch.__version__, "script": "Train_cifar.py"}, f, indent=1)
+        begin_run(logs, os.path.join(out, prefix + "_config.json"),
+                  {"args": vars(args), "sources": sources, "num_train": len(data), "device": str(device),
+                   "torch": torch.__version__, "script": "Train_cifar.py"})
     os.makedirs(loss_dir, exist_ok=True)
 
     # ---- epochs --------------------------------------------------------------------------------------------
@@ -249,14 +240,9 @@ def main(args):
         t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         if epoch < args.warm_up:
-            phase, timing, records = "warmup", {}, []
-            warmup_loader = data.warmup_loader(args.batch_size * 2)
-            for k, net in enumerate(nets):
-                t0 = time.perf_counter()
-                loss = warmup_epoch(net, optimizers[k], warmup_loader, device, penalty=args.noise_mode == "asym",
-                                    desc=f"warm-up {epoch} net{k + 1}", precision=precision)
-                timing[f"warmup{k + 1}"] = time.perf_counter() - t0
-                records.append({"loss": loss})
+            phase = "warmup"
+            records, timing = co_warmup(epoch, nets, optimizers, lambda: data.warmup_loader(args.batch_size * 2),
+                                        device, args.noise_mode == "asym", precision)
         else:
             phase = "train"
             records, timing = co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs,
@@ -275,9 +261,7 @@ def main(args):
                 records[0]["labeled"], records[1]["labeled"], records[0]["Lx"], records[1]["Lx"],
                 records[0]["Lu"], records[1]["Lu"])
         print(summary, flush=True)
-        checkpoints.save({"epoch": epoch, "args": defining, "all_args": vars(args),
-                          "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
-                          "histories": histories, "rng": get_rng_state(), "log_sizes": logs.sizes()}, ckpt_path)
+        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, histories=histories), ckpt_path)
     checkpoints.close()
     logs.close()
     return 0

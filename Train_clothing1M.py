@@ -8,7 +8,6 @@ labeled rows enter the loss (Lx + penalty); warm-up adds the confidence penalty;
 each net are kept and tested together at the end.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,11 +19,11 @@ import torch.optim as optim
 import torchvision
 
 from dataloader_clothing1M import Clothing1M
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, eval_train, evaluate, gmm_summary,
-                       normalise_losses, set_learning_rate, warmup_epoch)
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
+                       normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
-from utils import (CheckpointWriter, RunLogs, UserError, atomic_save, get_rng_state, json_safe, open_run, run_main,
-                   seed_everything, select_device, set_rng_state)
+from utils import (CheckpointWriter, RunLogs, UserError, atomic_save, begin_run, json_safe, open_run, restore_run,
+                   run_main, run_state, seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
@@ -122,32 +121,21 @@ def main(args):
     best = [0.0, 0.0]
     start_epoch = 0
     if resume is not None:
-        for k in range(2):
-            nets[k].load_state_dict(resume["nets"][k])
-            optimizers[k].load_state_dict(resume["optimizers"][k])
-        divisions, best, start_epoch = resume["divisions"], resume["best"], resume["epoch"] + 1
-        logs.resume(resume["log_sizes"])
-        set_rng_state(resume["rng"])
-        print(f"resumed from epoch {resume['epoch']}", flush=True)
+        start_epoch = restore_run(resume, nets, optimizers, logs)
+        divisions, best = resume["divisions"], resume["best"]
     else:
-        logs.start()
-        with open(os.path.join(out, args.id + "_config.json"), "w") as f:
-            json.dump({"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
-                       "torch": torch.__version__, "script": "Train_clothing1M.py"}, f, indent=1)
+        begin_run(logs, os.path.join(out, args.id + "_config.json"),
+                  {"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
+                   "torch": torch.__version__, "script": "Train_clothing1M.py"})
 
     # ---- epochs --------------------------------------------------------------------------------------------
     checkpoints = CheckpointWriter()
     for epoch in range(start_epoch, args.num_epochs + 1):
-        t_epoch, timing = time.perf_counter(), {}
+        t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         if epoch < args.warm_up:
-            phase, records = "warmup", []
-            for k, net in enumerate(nets):  # each net warms up on its own class-balanced draw
-                t0 = time.perf_counter()
-                loss = warmup_epoch(net, optimizers[k], data.warmup_loader(np.random), device, penalty=True,
-                                    desc=f"warm-up {epoch} net{k + 1}", precision=precision)
-                timing[f"warmup{k + 1}"] = time.perf_counter() - t0
-                records.append({"loss": loss})
+            phase = "warmup"
+            records, timing = co_warmup(epoch, nets, optimizers, lambda: data.warmup_loader(np.random), device, True, precision)
         else:
             phase = "train"
 
@@ -156,11 +144,7 @@ def main(args):
                 idx = divisions[k][0]
                 return data.labeled_loader(idx, pred, prob), data.unlabeled_loader(idx, pred)
 
-            results = co_train(epoch, nets, optimizers, [d[1] for d in divisions], make_loaders, cfg, device)
-            records = []
-            for k, result in enumerate(results):
-                timing[f"train{k + 1}"] = result.pop("seconds")
-                records.append(result)
+            records, timing = co_train(epoch, nets, optimizers, [d[1] for d in divisions], make_loaders, cfg, device)
 
         # validation of each net alone; each keeps its best weights
         t0 = time.perf_counter()
@@ -188,10 +172,7 @@ def main(args):
                                            "seconds": seconds, "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
               f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws", flush=True)
-        checkpoints.save({"epoch": epoch, "args": defining, "all_args": vars(args),
-                          "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
-                          "divisions": divisions, "best": best, "rng": get_rng_state(), "log_sizes": logs.sizes()},
-                         ckpt_path)
+        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, divisions=divisions, best=best), ckpt_path)
     checkpoints.close()
 
     # ---- test: the two best-validation nets together -------------------------------------------------------

@@ -7,7 +7,6 @@ only the labeled rows enter the loss (Lx + penalty); warm-up is plain cross-entr
 logits are scored top-1/top-5 on WebVision val and on ImageNet val of the same 50 classes.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,12 +15,12 @@ import torch
 import torch.optim as optim
 
 from dataloader_webvision import WebVision
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, eval_train, evaluate, gmm_summary,
-                       normalise_losses, set_learning_rate, warmup_epoch)
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
+                       normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (CheckpointWriter, RunLogs, UserError, get_rng_state, json_safe, open_run, run_main, seed_everything,
-                   select_device, set_rng_state)
+from utils import (CheckpointWriter, RunLogs, UserError, begin_run, json_safe, open_run, restore_run, run_main,
+                   run_state, seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
@@ -95,32 +94,21 @@ def main(args):
     probs = [None, None]  # per net: clean probability of every training image, made at the end of an epoch
     start_epoch = 0
     if resume is not None:
-        for k in range(2):
-            nets[k].load_state_dict(resume["nets"][k])
-            optimizers[k].load_state_dict(resume["optimizers"][k])
-        probs, start_epoch = resume["probs"], resume["epoch"] + 1
-        logs.resume(resume["log_sizes"])
-        set_rng_state(resume["rng"])
-        print(f"resumed from epoch {resume['epoch']}", flush=True)
+        start_epoch = restore_run(resume, nets, optimizers, logs)
+        probs = resume["probs"]
     else:
-        logs.start()
-        with open(os.path.join(out, args.id + "_config.json"), "w") as f:
-            json.dump({"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
-                       "torch": torch.__version__, "script": "Train_webvision.py"}, f, indent=1)
+        begin_run(logs, os.path.join(out, args.id + "_config.json"),
+                  {"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
+                   "torch": torch.__version__, "script": "Train_webvision.py"})
 
     # ---- epochs --------------------------------------------------------------------------------------------
     checkpoints = CheckpointWriter()
     for epoch in range(start_epoch, args.num_epochs + 1):
-        t_epoch, timing = time.perf_counter(), {}
+        t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         if epoch < args.warm_up:
-            phase, records = "warmup", []
-            for k, net in enumerate(nets):
-                t0 = time.perf_counter()
-                loss = warmup_epoch(net, optimizers[k], data.warmup_loader(), device, penalty=False,
-                                    desc=f"warm-up {epoch} net{k + 1}", precision=precision)
-                timing[f"warmup{k + 1}"] = time.perf_counter() - t0
-                records.append({"loss": loss})
+            phase = "warmup"
+            records, timing = co_warmup(epoch, nets, optimizers, data.warmup_loader, device, False, precision)
         else:
             phase = "train"
 
@@ -129,11 +117,7 @@ def main(args):
                 logs.write("stats", "Numer of labeled samples:%d \n" % pred.sum())
                 return data.labeled_loader(pred, prob), data.unlabeled_loader(pred)
 
-            results = co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device)
-            records = []
-            for k, result in enumerate(results):
-                timing[f"train{k + 1}"] = result.pop("seconds")
-                records.append(result)
+            records, timing = co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device)
 
         t0 = time.perf_counter()
         web1, web5 = evaluate(nets, data.val_loader, device, ks=(1, 5), precision=precision)
@@ -157,9 +141,7 @@ def main(args):
                                            "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
               f"lr {lr:g}  {seconds:.1f}s", flush=True)
-        checkpoints.save({"epoch": epoch, "args": defining, "all_args": vars(args),
-                          "nets": [n.state_dict() for n in nets], "optimizers": [o.state_dict() for o in optimizers],
-                          "probs": probs, "rng": get_rng_state(), "log_sizes": logs.sizes()}, ckpt_path)
+        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, probs=probs), ckpt_path)
     checkpoints.close()
     logs.close()
     return 0

@@ -281,13 +281,25 @@ def train_epoch(epoch, net, net2, optimizer, labeled_loader, unlabeled_loader, c
     return {"Lx": Lx_mean, "Lu": Lu_mean, "lambda": lambda_sum / steps, "iterations": steps}
 
 
+def co_warmup(epoch, nets, optimizers, make_loader, device, penalty, precision):
+    """Warm up each net in turn, each on its own pass of make_loader(). Returns per-net records and seconds."""
+    records, timing = [], {}
+    for k, net in enumerate(nets):
+        t0 = time.perf_counter()
+        loss = warmup_epoch(net, optimizers[k], make_loader(), device, penalty=penalty,
+                            desc=f"warm-up {epoch} net{k + 1}", precision=precision)
+        timing[f"warmup{k + 1}"] = time.perf_counter() - t0
+        records.append({"loss": loss})
+    return records, timing
+
+
 def co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device):
     """Co-divide: train each net on the division made by the OTHER net's clean probabilities.
 
     make_loaders(k, pred, prob) builds (labeled, unlabeled) from net k's division; unlabeled may be None.
-    Returns per net the train_epoch result plus its seconds.
+    Returns per net the train_epoch result, and the seconds per net.
     """
-    results = []
+    results, timing = [], {}
     for k, net in enumerate(nets):
         other = 1 - k
         prob = probs[other]
@@ -297,11 +309,10 @@ def co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device):
         elif unlabeled is None:
             print(f"net{k + 1}: net{other + 1}'s division leaves no unlabeled sample; MixMatch over labeled rows only")
         t0 = time.perf_counter()
-        result = train_epoch(epoch, net, nets[other], optimizers[k], labeled, unlabeled, cfg, device,
-                             desc=f"epoch {epoch} net{k + 1}")
-        result["seconds"] = time.perf_counter() - t0
-        results.append(result)
-    return results
+        results.append(train_epoch(epoch, net, nets[other], optimizers[k], labeled, unlabeled, cfg, device,
+                                   desc=f"epoch {epoch} net{k + 1}"))
+        timing[f"train{k + 1}"] = time.perf_counter() - t0
+    return results, timing
 
 
 def gmm_summary(gmm):

@@ -150,6 +150,31 @@ def open_run(logs, ckpt_path, resume_arg, defining, name):
     return None
 
 
+def begin_run(logs, config_path, config):
+    """Fresh start: open the logs and record how the run was started (kept as it is on resume)."""
+    logs.start()
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def restore_run(checkpoint, nets, optimizers, logs):
+    """Resume: nets, optimizers, every RNG state and the logs cut back to the checkpoint. Returns the next epoch."""
+    for net, opt, net_state, opt_state in zip(nets, optimizers, checkpoint["nets"], checkpoint["optimizers"]):
+        net.load_state_dict(net_state)
+        opt.load_state_dict(opt_state)
+    logs.resume(checkpoint["log_sizes"])
+    set_rng_state(checkpoint["rng"])
+    print(f"resumed from epoch {checkpoint['epoch']}", flush=True)
+    return checkpoint["epoch"] + 1
+
+
+def run_state(epoch, defining, args, nets, optimizers, logs, **extra):
+    """Everything a checkpoint after `epoch` holds to continue exactly; `extra` adds the script's own state."""
+    return {"epoch": epoch, "args": defining, "all_args": vars(args), "nets": [n.state_dict() for n in nets],
+            "optimizers": [o.state_dict() for o in optimizers], "rng": get_rng_state(), "log_sizes": logs.sizes(),
+            **extra}
+
+
 def json_safe(value):
     """NaN and infinities become null so every log line is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):

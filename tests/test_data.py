@@ -1,5 +1,4 @@
 """CIFAR files, batched augmentation and the device-resident loaders."""
-import os
 
 import numpy as np
 import pytest
