@@ -199,10 +199,8 @@ def main(args):
 
     # ---- data ----------------------------------------------------------------------------------------------
     device = select_device(args.gpuid)
-    if args.amp is None:
-        args.amp = device.type == "cuda"
-        sources["amp"] = f"default for {device.type}"
-    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    sources["amp"] = "flag" if args.amp is not None else f"default for {device.type}"
+    precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
     seed_everything(args.seed)
     dataloader_cifar.ensure_data(args.data_path, args.dataset, args.download)

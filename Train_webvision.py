@@ -75,9 +75,7 @@ def main(args):
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
     resume = open_run(logs, ckpt_path, args.resume, defining, args.id)
     device = select_device(args.gpuid)
-    if args.amp is None:
-        args.amp = device.type == "cuda"
-    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
     seed_everything(args.seed)
 

@@ -27,6 +27,13 @@ class Precision:
     amp: bool = False
     channels_last: bool = False
 
+    @classmethod
+    def from_args(cls, args, device):
+        """From --amp (None: on with CUDA, off on the CPU; written back to args) and --channels_last."""
+        if args.amp is None:
+            args.amp = device.type == "cuda"
+        return cls(amp=args.amp, channels_last=args.channels_last)
+
     def autocast(self, device):
         """bf16 autocast on the device when amp is on, otherwise a no-op context."""
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.amp else nullcontext()
