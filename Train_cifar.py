@@ -226,9 +226,7 @@ def main(args):
         start_epoch = restore_run(resume, nets, optimizers, logs)
         histories = [list(h) for h in resume["histories"]]
     else:
-        begin_run(logs, os.path.join(out, prefix + "_config.json"),
-                  {"args": vars(args), "sources": sources, "num_train": len(data), "device": str(device),
-                   "torch": torch.__version__, "script": "Train_cifar.py"})
+        begin_run(logs, os.path.join(out, prefix + "_config.json"), "Train_cifar.py", args, device, len(data), sources)
     os.makedirs(loss_dir, exist_ok=True)
 
     # ---- epochs --------------------------------------------------------------------------------------------

@@ -122,9 +122,8 @@ def main(args):
         start_epoch = restore_run(resume, nets, optimizers, logs)
         divisions, best = resume["divisions"], resume["best"]
     else:
-        begin_run(logs, os.path.join(out, args.id + "_config.json"),
-                  {"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
-                   "torch": torch.__version__, "script": "Train_clothing1M.py"})
+        begin_run(logs, os.path.join(out, args.id + "_config.json"), "Train_clothing1M.py", args, device,
+                  len(data.train_paths))
 
     # ---- epochs --------------------------------------------------------------------------------------------
     checkpoints = CheckpointWriter()

@@ -95,9 +95,8 @@ def main(args):
         start_epoch = restore_run(resume, nets, optimizers, logs)
         probs = resume["probs"]
     else:
-        begin_run(logs, os.path.join(out, args.id + "_config.json"),
-                  {"args": vars(args), "sources": {}, "num_train": len(data.train_paths), "device": str(device),
-                   "torch": torch.__version__, "script": "Train_webvision.py"})
+        begin_run(logs, os.path.join(out, args.id + "_config.json"), "Train_webvision.py", args, device,
+                  len(data.train_paths))
 
     # ---- epochs --------------------------------------------------------------------------------------------
     checkpoints = CheckpointWriter()

@@ -150,9 +150,11 @@ def open_run(logs, ckpt_path, resume_arg, defining, name):
     return None
 
 
-def begin_run(logs, config_path, config):
+def begin_run(logs, config_path, script, args, device, num_train, sources=None):
     """Fresh start: open the logs and record how the run was started (kept as it is on resume)."""
     logs.start()
+    config = {"args": vars(args), "sources": sources or {}, "num_train": num_train, "device": str(device),
+              "torch": torch.__version__, "script": script}
     with open(config_path, "w") as f:
         json.dump(config, f, indent=1)
 
