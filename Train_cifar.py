@@ -218,9 +218,7 @@ def main(args):
     nets = [create_model(args.num_class, device, precision, args.compile) for _ in range(2)]
     optimizers = [create_optimizer(net, args.lr) for net in nets]
     histories = [[], []]
-    cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
-                          p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=True,
-                          loss_window=args.loss_window, precision=precision)
+    cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=True, loss_window=args.loss_window)
     start_epoch = 0
     if resume is not None:
         start_epoch = restore_run(resume, nets, optimizers, logs)

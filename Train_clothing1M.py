@@ -112,9 +112,7 @@ def main(args):
           f"test; {args.num_batches * args.batch_size} drawn for each loss evaluation", flush=True)
     nets = [create_model(args.pretrained, args.num_class, device, precision) for _ in range(2)]
     optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-3) for n in nets]
-    cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
-                          p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=False,
-                          precision=precision)
+    cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=False)
     divisions = [None, None]  # per net: (indices of its draw, clean probability), made at the end of an epoch
     best = [0.0, 0.0]
     start_epoch = 0

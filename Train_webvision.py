@@ -86,9 +86,7 @@ def main(args):
           f"{len(data.imagenet_paths)} ImageNet val", flush=True)
     nets = [create_model(args.num_class, device, precision) for _ in range(2)]
     optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4) for n in nets]
-    cfg = DivideMixConfig(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
-                          p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=False,
-                          precision=precision)
+    cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=False)
     probs = [None, None]  # per net: clean probability of every training image, made at the end of an epoch
     start_epoch = 0
     if resume is not None:

@@ -61,6 +61,13 @@ class DivideMixConfig:
     loss_window: int = 1
     precision: Precision = field(default_factory=Precision)
 
+    @classmethod
+    def from_args(cls, args, precision, unlabeled_loss, loss_window=1):
+        """From a training script's flags (--num_class, --alpha, --T, --lambda_u, --p_threshold, --warm_up)."""
+        return cls(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
+                   p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=unlabeled_loss,
+                   loss_window=loss_window, precision=precision)
+
 
 # ----------------------------------------------------------------------------- formulas
 

@@ -1,4 +1,5 @@
 """The algorithm's formulas against hand-computed values, and the training iteration's behaviour."""
+import argparse
 import math
 
 import numpy as np
@@ -8,9 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dividemix
-from dividemix import (DivideMixConfig, confidence_penalty, division_stats, fit_gmm, gmm_input, linear_rampup,
-                       normalise_losses, prior_penalty, semi_loss, set_learning_rate, sharpen, topk_accuracy,
-                       train_epoch, train_step)
+from dividemix import (DivideMixConfig, Precision, confidence_penalty, division_stats, fit_gmm, gmm_input,
+                       linear_rampup, normalise_losses, prior_penalty, semi_loss, set_learning_rate, sharpen,
+                       topk_accuracy, train_epoch, train_step)
 
 
 def test_sharpen():
@@ -256,3 +257,12 @@ def test_warmup_epoch_cross_entropy_plus_confidence_penalty():
             p = logits.softmax(1)
             expected = expected + (p * p.log()).sum(1).mean()
         assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_config_from_args_maps_every_flag():
+    args = argparse.Namespace(num_class=14, alpha=0.5, T=0.4, lambda_u=150.0, p_threshold=0.6, warm_up=30)
+    precision = Precision(amp=True)
+    cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=False, loss_window=5)
+    assert (cfg.num_class, cfg.alpha, cfg.T, cfg.lambda_u, cfg.p_threshold, cfg.warm_up) == (14, 0.5, 0.4, 150.0, 0.6, 30)
+    assert cfg.unlabeled_loss is False and cfg.loss_window == 5 and cfg.precision is precision
+    assert cfg.rampup_length == 16
