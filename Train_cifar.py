@@ -20,7 +20,7 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
-from utils import (CheckpointWriter, RunLogs, UserError, begin_run, json_safe, open_run, restore_run, run_main, run_state,
+from utils import (RunDir, UserError, atomic_write, json_safe, labels_digest, run_config, run_main, run_state,
                    seed_everything, select_device, timed)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
@@ -180,22 +180,24 @@ def save_division(path, divisions, clean_mask, p_threshold):
         arrays.update({f"loss{k}": input_loss.numpy().astype(np.float32), f"prob{k}": prob.astype(np.float32),
                        f"gmm{k}_means": gmm.means_.ravel(), f"gmm{k}_vars": gmm.covariances_.ravel(),
                        f"gmm{k}_weights": gmm.weights_.ravel()})
-    np.savez_compressed(path, **arrays)
+    atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def main(args):
-    """Set up, then run epochs start..num_epochs: warm-up or co-divide, test, log, checkpoint."""
-    # ---- settings ------------------------------------------------------------------------------------------
+    """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     sources = resolve_settings(args)
     prefix = "%s_%.1f_%s" % (args.dataset, args.r, args.noise_mode)
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    logs = RunLogs({"acc": os.path.join(out, prefix + "_acc.txt"), "stats": os.path.join(out, prefix + "_stats.txt"),
-                    "json": os.path.join(out, prefix + "_log.jsonl")})
-    ckpt_path = os.path.join(out, prefix + "_checkpoint.pth.tar")
-    loss_dir = os.path.join(out, prefix + "_losses")
+    log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
+    with RunDir(args.output_dir, prefix, log_names, "Train_cifar.py") as run:
+        train(args, run, sources)
+    return 0
+
+
+def train(args, run, sources):
+    """Set up, then run epochs start..num_epochs: warm-up or co-divide, test, log, checkpoint."""
+    # ---- resume or start -----------------------------------------------------------------------------------
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
-    resume = open_run(logs, ckpt_path, args.resume, defining, prefix)
+    resume = run.open_checkpoint(args.resume, defining)
 
     # ---- data ----------------------------------------------------------------------------------------------
     device = select_device(args.gpuid)
@@ -210,6 +212,8 @@ def main(args):
     noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
     noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
                                                            args.num_class, args.seed)
+    defining["labels_sha256"] = labels_digest(noisy)  # the noisy labels define the run as much as its flags
+    run.check_labels(resume, defining["labels_sha256"], f"noise file {noise_path}")
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device)
     print(f"data: {len(data)} training images, {len(test_y)} test images on {device}; noise file {noise_path} "
           f"({'written' if created else 'reused'}), {1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
@@ -221,15 +225,16 @@ def main(args):
     cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=True, loss_window=args.loss_window)
     start_epoch = 0
     if resume is not None:
-        start_epoch = restore_run(resume, nets, optimizers, logs)
+        start_epoch = run.restore(resume, nets, optimizers)
         histories = [list(h) for h in resume["histories"]]
     else:
-        begin_run(logs, os.path.join(out, prefix + "_config.json"), "Train_cifar.py", args, device, len(data), sources)
+        run.begin(run_config("Train_cifar.py", args, device, len(data), sources,
+                             labels_sha256=defining["labels_sha256"], noise_file=noise_path))
+    loss_dir = run.path("_losses")
     os.makedirs(loss_dir, exist_ok=True)
 
     # ---- epochs --------------------------------------------------------------------------------------------
     test_loader = data.test_loader(args.eval_batch_size)
-    checkpoints = CheckpointWriter()
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
@@ -239,26 +244,23 @@ def main(args):
                                         device, args.noise_mode == "asym", precision)
         else:
             phase = "train"
-            records, timing = co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs,
+            records, timing = co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, run.logs,
                                               loss_dir)
         t0 = time.perf_counter()
         acc = evaluate(nets, test_loader, device, precision=precision)[0]
         timing["test"] = time.perf_counter() - t0
         seconds = time.perf_counter() - t_epoch
-        logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))
-        logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
-                                            "net1": records[0], "net2": records[1], "seconds": seconds,
-                                            "time": timing}))
+        run.logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))
+        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
+                                                "net1": records[0], "net2": records[1], "seconds": seconds,
+                                                "time": timing}))
         summary = f"epoch {epoch:3d} {phase:6s} test {acc:6.2f}%  lr {lr:g}  {seconds:.1f}s"
         if phase == "train":
             summary += "  labeled %d/%d  Lx %.3f/%.3f  Lu %.4f/%.4f" % (
                 records[0]["labeled"], records[1]["labeled"], records[0]["Lx"], records[1]["Lx"],
                 records[0]["Lu"], records[1]["Lu"])
         print(summary, flush=True)
-        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, histories=histories), ckpt_path)
-    checkpoints.close()
-    logs.close()
-    return 0
+        run.save(run_state(epoch, defining, args, nets, optimizers, histories=histories))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from dataloader_clothing1M import Clothing1M
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
-from utils import (CheckpointWriter, RunLogs, UserError, atomic_save, begin_run, json_safe, open_run, restore_run,
-                   run_main, run_state, seed_everything, select_device)
+from utils import (RunDir, UserError, atomic_save, json_safe, labels_digest, run_config, run_main, run_state,
+                   seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
@@ -89,17 +89,21 @@ def create_model(pretrained, num_class, device, precision):
 
 
 def main(args):
-    """Set up, run epochs start..num_epochs (train, validate, divide for the next epoch), then test."""
-    # ---- settings ------------------------------------------------------------------------------------------
+    """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     if args.num_batches < 1 or args.batch_size < 1 or args.image_size < 32:
         raise UserError("--num_batches and --batch_size must be positive and --image_size at least 32")
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    logs = RunLogs({"acc": os.path.join(out, args.id + ".txt"), "json": os.path.join(out, args.id + "_log.jsonl")})
-    ckpt_path = os.path.join(out, args.id + "_checkpoint.pth.tar")
-    best_paths = [os.path.join(out, f"{args.id}_net{k}.pth.tar") for k in (1, 2)]
+    with RunDir(args.output_dir, args.id, {"acc": args.id + ".txt", "json": args.id + "_log.jsonl"},
+                "Train_clothing1M.py") as run:
+        train(args, run)
+    return 0
+
+
+def train(args, run):
+    """Set up, run epochs start..num_epochs (train, validate, divide for the next epoch), then test."""
+    # ---- resume or start -----------------------------------------------------------------------------------
+    best_paths = [run.path(f"_net{k}.pth.tar") for k in (1, 2)]
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
-    resume = open_run(logs, ckpt_path, args.resume, defining, args.id)
+    resume = run.open_checkpoint(args.resume, defining)
     device = select_device(args.gpuid)
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
@@ -108,6 +112,8 @@ def main(args):
     # ---- data and models -----------------------------------------------------------------------------------
     data = Clothing1M(args.data_path, args.num_class, args.batch_size, args.num_batches, args.image_size,
                       args.num_workers, device)
+    defining["labels_sha256"] = labels_digest(data.train_labels)
+    run.check_labels(resume, defining["labels_sha256"], f"{args.data_path}/noisy_label_kv.txt")
     print(f"data: {len(data.train_paths)} noisy training images, {len(data.val_paths)} val, {len(data.test_paths)} "
           f"test; {args.num_batches * args.batch_size} drawn for each loss evaluation", flush=True)
     nets = [create_model(args.pretrained, args.num_class, device, precision) for _ in range(2)]
@@ -117,14 +123,13 @@ def main(args):
     best = [0.0, 0.0]
     start_epoch = 0
     if resume is not None:
-        start_epoch = restore_run(resume, nets, optimizers, logs)
+        start_epoch = run.restore(resume, nets, optimizers)
         divisions, best = resume["divisions"], resume["best"]
     else:
-        begin_run(logs, os.path.join(out, args.id + "_config.json"), "Train_clothing1M.py", args, device,
-                  len(data.train_paths))
+        run.begin(run_config("Train_clothing1M.py", args, device, len(data.train_paths),
+                             labels_sha256=defining["labels_sha256"]))
 
     # ---- epochs --------------------------------------------------------------------------------------------
-    checkpoints = CheckpointWriter()
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
@@ -149,7 +154,7 @@ def main(args):
             if accs[k] > best[k]:
                 best[k] = accs[k]
                 atomic_save(nets[k].state_dict(), best_paths[k])
-        logs.write("acc", "Validation Epoch:%d      Acc1:%.2f  Acc2:%.2f\n" % (epoch, accs[0], accs[1]))
+        run.logs.write("acc", "Validation Epoch:%d      Acc1:%.2f  Acc2:%.2f\n" % (epoch, accs[0], accs[1]))
 
         # loss evaluation on a fresh draw per net: the division for the next epoch
         for k, net in enumerate(nets):
@@ -162,24 +167,21 @@ def main(args):
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
 
         seconds = time.perf_counter() - t_epoch
-        logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
+        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
                                            "val_acc2": accs[1], "net1": records[0], "net2": records[1],
                                            "seconds": seconds, "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
               f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws", flush=True)
-        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, divisions=divisions, best=best), ckpt_path)
-    checkpoints.close()
+        run.save(run_state(epoch, defining, args, nets, optimizers, divisions=divisions, best=best))
 
     # ---- test: the two best-validation nets together -------------------------------------------------------
     for k in range(2):
         if os.path.exists(best_paths[k]):
             nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
     acc = evaluate(nets, data.test_loader(), device, precision=precision)[0]
-    logs.write("acc", "Test Accuracy:%.2f\n" % acc)
-    logs.write_json("json", {"phase": "test", "test_acc": acc})
+    run.logs.write("acc", "Test Accuracy:%.2f\n" % acc)
+    run.logs.write_json("json", {"phase": "test", "test_acc": acc})
     print(f"test accuracy of the best-validation nets: {acc:.2f}%", flush=True)
-    logs.close()
-    return 0
 
 
 if __name__ == "__main__":

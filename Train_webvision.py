@@ -7,7 +7,6 @@ only the labeled rows enter the loss (Lx + penalty); warm-up is plain cross-entr
 logits are scored top-1/top-5 on WebVision val and on ImageNet val of the same 50 classes.
 """
 import argparse
-import os
 import sys
 import time
 
@@ -19,8 +18,8 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (CheckpointWriter, RunLogs, UserError, begin_run, json_safe, open_run, restore_run, run_main,
-                   run_state, seed_everything, select_device)
+from utils import (RunDir, UserError, json_safe, labels_digest, run_config, run_main, run_state, seed_everything,
+                   select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
@@ -63,17 +62,20 @@ def create_model(num_class, device, precision):
 
 
 def main(args):
-    """Set up, then run epochs start..num_epochs: train, test on both val sets, divide for the next epoch."""
-    # ---- settings ------------------------------------------------------------------------------------------
+    """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     if args.batch_size < 1 or args.image_size < 75:
         raise UserError("--batch_size must be positive and --image_size at least 75 (the network's smallest input)")
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
-    logs = RunLogs({"acc": os.path.join(out, args.id + "_acc.txt"), "stats": os.path.join(out, args.id + "_stats.txt"),
-                    "json": os.path.join(out, args.id + "_log.jsonl")})
-    ckpt_path = os.path.join(out, args.id + "_checkpoint.pth.tar")
+    log_names = {"acc": args.id + "_acc.txt", "stats": args.id + "_stats.txt", "json": args.id + "_log.jsonl"}
+    with RunDir(args.output_dir, args.id, log_names, "Train_webvision.py") as run:
+        train(args, run)
+    return 0
+
+
+def train(args, run):
+    """Set up, then run epochs start..num_epochs: train, test on both val sets, divide for the next epoch."""
+    # ---- resume or start -----------------------------------------------------------------------------------
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
-    resume = open_run(logs, ckpt_path, args.resume, defining, args.id)
+    resume = run.open_checkpoint(args.resume, defining)
     device = select_device(args.gpuid)
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
@@ -82,6 +84,8 @@ def main(args):
     # ---- data and models -----------------------------------------------------------------------------------
     data = WebVision(args.data_path, args.num_class, args.batch_size, args.image_size, args.train_crop,
                      args.num_workers, device)
+    defining["labels_sha256"] = labels_digest(data.train_labels)
+    run.check_labels(resume, defining["labels_sha256"], f"{args.data_path}/info/train_filelist_google.txt")
     print(f"data: {len(data.train_paths)} training images, {len(data.val_paths)} WebVision val, "
           f"{len(data.imagenet_paths)} ImageNet val", flush=True)
     nets = [create_model(args.num_class, device, precision) for _ in range(2)]
@@ -90,14 +94,13 @@ def main(args):
     probs = [None, None]  # per net: clean probability of every training image, made at the end of an epoch
     start_epoch = 0
     if resume is not None:
-        start_epoch = restore_run(resume, nets, optimizers, logs)
+        start_epoch = run.restore(resume, nets, optimizers)
         probs = resume["probs"]
     else:
-        begin_run(logs, os.path.join(out, args.id + "_config.json"), "Train_webvision.py", args, device,
-                  len(data.train_paths))
+        run.begin(run_config("Train_webvision.py", args, device, len(data.train_paths),
+                             labels_sha256=defining["labels_sha256"]))
 
     # ---- epochs --------------------------------------------------------------------------------------------
-    checkpoints = CheckpointWriter()
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
@@ -109,7 +112,7 @@ def main(args):
 
             def make_loaders(k, pred, prob):
                 """Loaders of net k's division; the original logs each division's size as it is used."""
-                logs.write("stats", "Numer of labeled samples:%d \n" % pred.sum())
+                run.logs.write("stats", "Numer of labeled samples:%d \n" % pred.sum())
                 return data.labeled_loader(pred, prob), data.unlabeled_loader(pred)
 
             records, timing = co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device)
@@ -118,7 +121,7 @@ def main(args):
         web1, web5 = evaluate(nets, data.val_loader, device, ks=(1, 5), precision=precision)
         img1, img5 = evaluate(nets, data.imagenet_loader, device, ks=(1, 5), precision=precision)
         timing["test"] = time.perf_counter() - t0
-        logs.write("acc", "Epoch:%d \t WebVision Acc: %.2f%% (%.2f%%) \t ImageNet Acc: %.2f%% (%.2f%%)\n"
+        run.logs.write("acc", "Epoch:%d \t WebVision Acc: %.2f%% (%.2f%%) \t ImageNet Acc: %.2f%% (%.2f%%)\n"
                    % (epoch, web1, web5, img1, img5))
 
         # loss evaluation over the whole training list: the division for the next epoch
@@ -130,16 +133,13 @@ def main(args):
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
 
         seconds = time.perf_counter() - t_epoch
-        logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
+        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
                                            "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
                                            "net1": records[0], "net2": records[1], "seconds": seconds,
                                            "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
               f"lr {lr:g}  {seconds:.1f}s", flush=True)
-        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, probs=probs), ckpt_path)
-    checkpoints.close()
-    logs.close()
-    return 0
+        run.save(run_state(epoch, defining, args, nets, optimizers, probs=probs))
 
 
 if __name__ == "__main__":

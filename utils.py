@@ -1,28 +1,62 @@
-"""Infrastructure shared by the training scripts: errors, seeding, RNG state, checkpoints, logs, progress."""
+"""Infrastructure shared by the training scripts: errors and signals, seeding, RNG state, atomic files,
+checkpoints, the run folder (lock, logs, checkpoint, resume), progress."""
+import _thread
+import errno
+import fcntl
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
-import tempfile
+import threading
 import time
+import uuid
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# errno values of a write that failed for want of space or permission on the output's file system.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+
+    def __init__(self, signum, note="nothing of a run had been written yet"):
+        """signum: the signal; note: what was kept and how to continue (filled in by the run folder)."""
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.note = signum, note
+
+
+def _raise_interrupted(signum, frame):
+    """Signal handler: stop the main thread where it is; the run folder finishes what must be finished."""
+    raise Interrupted(signum)
+
+
 def run_main(main, args):
-    """Call main(args); turn a UserError into one line on stderr and exit code 2."""
+    """Call main(args). UserError: one line, exit 2. SIGINT / SIGTERM: one line, exit 130 / 143. No traceback."""
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
     try:
         return main(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Interrupted as exc:
+        print(f"stopped by {exc}: {exc.note}", file=sys.stderr, flush=True)
+        sys.exit(128 + exc.signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def seed_everything(seed):
@@ -60,20 +94,136 @@ def select_device(gpuid):
     return torch.device("cpu")
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pt")
+# ----------------------------------------------------------------------------- atomic files and checkpoints
+
+def temp_name(path):
+    """A unique hidden temporary name beside path: .<name>.<random>.tmp (the run folder removes stale ones)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+
+
+def fsync_folder(folder):
+    """Make a rename in folder durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write, keep_previous=None):
+    """write(f) into a temporary file beside path, fsync, rename over path: a crash never leaves half a file.
+
+    keep_previous: a path that receives the file being replaced (a hard link, else a copy), itself atomically.
+    The temporary file is created with mode 0666 less the umask, like any file the run writes.
+    """
+    tmp = temp_name(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            _link_or_copy(path, keep_previous)
         os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, path) from exc
+        raise
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+class _WriteRecorder:
+    """A binary file wrapper that remembers the OSError of a failed write."""
+
+    def __init__(self, f):
+        """f: an open binary file."""
+        self.f, self.error = f, None
+
+    def write(self, data):
+        """Write through; keep the error of a failed write before raising it."""
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        """Flush the file."""
+        self.f.flush()
+
+
+def _link_or_copy(src, dst):
+    """Atomically make dst a hard link to src (a copy on file systems without hard links)."""
+    tmp = temp_name(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError as exc:
+            if exc.errno in WRITE_ERRNOS - {errno.EPERM}:
+                raise
+            with open(src, "rb") as s, open(tmp, "wb") as d:
+                while chunk := s.read(1 << 24):
+                    d.write(chunk)
+                d.flush()
+                os.fsync(d.fileno())
+        os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path, keep_previous=None):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: _torch_save(obj, f), keep_previous)
+
+
+def _torch_save(obj, f):
+    """torch.save into an open file; a failed write raises its OSError, not torch's own words for it."""
+    recorder = _WriteRecorder(f)
+    try:
+        torch.save(obj, recorder)
+    except Exception as exc:
+        if recorder.error is not None and not isinstance(exc, OSError):
+            raise recorder.error from exc
+        raise
+
+
+def atomic_json(obj, path):
+    """json.dump through atomic_write."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def verify_checkpoint(path):
+    """None when the file is intact, else what is wrong with it.
+
+    torch.save writes a zip archive that stores a CRC-32 of every record (the pickle and each tensor's bytes);
+    reading them all back checks the whole payload.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as exc:  # a damaged archive fails in many ways; each means the same to the user
+        return f"not a readable checkpoint archive: {type(exc).__name__}: {exc}"
+    return None if bad is None else f"record {bad} fails its CRC-32 check"
+
+
+def load_checkpoint(path, mmap=False):
+    """Load a checkpoint written by this project onto the CPU (mmap: tensors read lazily, for a quick look)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): point --resume at a checkpoint "
+                        "file written by this project") from exc
 
 
 def _cpu_copy(obj):
@@ -88,17 +238,33 @@ def _cpu_copy(obj):
 
 
 class CheckpointWriter:
-    """Writes checkpoints atomically in a background thread, one at a time, so the next epoch need not wait."""
+    """Writes checkpoints atomically in a background thread, one at a time, so the next epoch need not wait.
 
-    def __init__(self):
+    on_error is called from the writer thread when a write fails, so the main thread can stop at once instead
+    of an epoch later.
+    """
+
+    def __init__(self, on_error=None):
         """Start the writer thread pool."""
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending = None
+        self.on_error = on_error
 
-    def save(self, obj, path):
+    def save(self, obj, path, keep_previous=None, on_done=None):
         """Snapshot obj now (tensors copied to the CPU) and write it to path in the background."""
         self.wait()
-        self.pending = self.pool.submit(atomic_save, _cpu_copy(obj), path)
+        self.pending = self.pool.submit(self._write, _cpu_copy(obj), path, keep_previous, on_done)
+
+    def _write(self, obj, path, keep_previous, on_done):
+        """The background job: the atomic write, then on_done(), or on_error() when it fails."""
+        try:
+            atomic_save(obj, path, keep_previous)
+        except BaseException:
+            if self.on_error is not None:
+                self.on_error()
+            raise
+        if on_done is not None:
+            on_done()
 
     def wait(self):
         """Block until the last write is on disk; re-raise its error, if any."""
@@ -108,17 +274,10 @@ class CheckpointWriter:
 
     def close(self):
         """Finish the last write and stop the thread."""
-        self.wait()
-        self.pool.shutdown()
-
-
-def load_checkpoint(path):
-    """Load a checkpoint written by atomic_save onto the CPU."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): point --resume at a checkpoint "
-                        "file written by this project") from exc
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
 
 
 def check_resume_args(saved, current, keys):
@@ -129,52 +288,391 @@ def check_resume_args(saved, current, keys):
                             f"{current.get(key)!r}: pass the same value or start a new --output_dir")
 
 
-def open_run(logs, ckpt_path, resume_arg, defining, name):
-    """The checkpoint to resume from (checked against the defining args), or None for a fresh start.
-
-    resume_arg: None (fresh start), "auto" (ckpt_path), a checkpoint file or a folder holding ckpt_path's file.
-    A fresh start where this run's logs or checkpoint already exist is refused, so nothing is overwritten.
-    """
-    if resume_arg:
-        path = ckpt_path if resume_arg == "auto" else resume_arg
-        if os.path.isdir(path):
-            path = os.path.join(path, os.path.basename(ckpt_path))
-        if not os.path.isfile(path):
-            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
-        checkpoint = load_checkpoint(path)
-        check_resume_args(checkpoint["args"], defining, defining.keys())
-        return checkpoint
-    if logs.existing() or os.path.exists(ckpt_path):
-        raise UserError(f"{os.path.dirname(ckpt_path) or '.'} already holds a {name} run: pass --resume to continue "
-                        "it, or choose another --output_dir (nothing was overwritten)")
-    return None
+def labels_digest(labels):
+    """SHA-256 of the training labels as int64: what makes two runs train on the same noisy labels."""
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes()).hexdigest()
 
 
-def begin_run(logs, config_path, script, args, device, num_train, sources=None):
-    """Fresh start: open the logs and record how the run was started (kept as it is on resume)."""
-    logs.start()
-    config = {"args": vars(args), "sources": sources or {}, "num_train": num_train, "device": str(device),
-              "torch": torch.__version__, "script": script}
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=1)
-
-
-def restore_run(checkpoint, nets, optimizers, logs):
-    """Resume: nets, optimizers, every RNG state and the logs cut back to the checkpoint. Returns the next epoch."""
-    for net, opt, net_state, opt_state in zip(nets, optimizers, checkpoint["nets"], checkpoint["optimizers"]):
-        net.load_state_dict(net_state)
-        opt.load_state_dict(opt_state)
-    logs.resume(checkpoint["log_sizes"])
-    set_rng_state(checkpoint["rng"])
-    print(f"resumed from epoch {checkpoint['epoch']}", flush=True)
-    return checkpoint["epoch"] + 1
-
-
-def run_state(epoch, defining, args, nets, optimizers, logs, **extra):
+def run_state(epoch, defining, args, nets, optimizers, **extra):
     """Everything a checkpoint after `epoch` holds to continue exactly; `extra` adds the script's own state."""
     return {"epoch": epoch, "args": defining, "all_args": vars(args), "nets": [n.state_dict() for n in nets],
-            "optimizers": [o.state_dict() for o in optimizers], "rng": get_rng_state(), "log_sizes": logs.sizes(),
-            **extra}
+            "optimizers": [o.state_dict() for o in optimizers], "rng": get_rng_state(), **extra}
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def _sha256_prefix(path, size):
+    """SHA-256 of the first `size` bytes of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while size > 0:
+            chunk = f.read(min(size, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            size -= len(chunk)
+    return digest.hexdigest()
+
+
+class RunLogs:
+    """The run's text logs (the original code's files) plus a JSON-lines file: append-only, with a running
+    size and SHA-256 per file so that a checkpoint can say exactly which log contents belong to it."""
+
+    def __init__(self, paths):
+        """paths: name -> file path; nothing is opened until start() or resume()."""
+        self.paths = paths
+        self.files, self.hashes, self.written = {}, {}, {}
+
+    def existing(self):
+        """Paths among this run's logs that exist and hold something (a run that died before logging is not)."""
+        return [p for p in self.paths.values() if os.path.exists(p) and os.path.getsize(p) > 0]
+
+    def start(self):
+        """Open every log fresh."""
+        self.resume({k: {"size": 0} for k in self.paths})
+
+    def resume(self, described):
+        """Cut every log back to the size a checkpoint describes (never longer: checked before), then append."""
+        for key, path in self.paths.items():
+            size = described.get(key, {}).get("size", 0)
+            with open(path, "ab") as f:
+                f.truncate(size)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                digest.update(f.read(size))
+            self.hashes[key], self.written[key] = digest, size
+            self.files[key] = open(path, "ab")
+
+    def state(self):
+        """{name: {"name": file name, "size": bytes, "sha256": hex}} of what was written so far."""
+        return {k: {"name": os.path.basename(self.paths[k]), "size": self.written[k],
+                    "sha256": self.hashes[k].hexdigest()} for k in self.paths}
+
+    def write(self, key, text):
+        """Append text to one log and flush it; a failed write names the file."""
+        data = text.encode()
+        try:
+            self.files[key].write(data)
+            self.files[key].flush()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.paths[key]) from None
+        self.hashes[key].update(data)
+        self.written[key] += len(data)
+
+    def write_json(self, key, record):
+        """Append one JSON line."""
+        self.write(key, json.dumps(record, sort_keys=False) + "\n")
+
+    def close(self):
+        """Close every open log (a failure to flush is reported by the write that caused it)."""
+        for f in self.files.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.files = {}
+
+
+def _count_logged_epochs(path):
+    """Number of epoch records in a JSON-lines log (unreadable lines, e.g. one cut by a kill, do not count)."""
+    if not os.path.exists(path):
+        return 0
+    count = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            count += isinstance(record, dict) and "epoch" in record
+    return count
+
+
+class RunDir:
+    """One run's output folder: an exclusive lock, the logs, the config, the checkpoint and the one before it.
+
+    Logs and checkpoint are one unit: a checkpoint records the size and SHA-256 of every log at its epoch, and a
+    resume continues only where those exact log contents are present. Used as a context manager around the run:
+    entering checks the folder, takes the lock and removes stale temporary files; leaving finishes the checkpoint
+    write in flight, closes the logs and turns an interruption or a failed write into one line saying what was
+    kept and the command that continues.
+    """
+
+    # A kill before the first checkpoint landed leaves at most this many logged epochs: the epoch whose
+    # checkpoint was being written in the background and the next one, which waits for that write to finish.
+    UNCHECKPOINTED_EPOCHS = 2
+
+    def __init__(self, folder, prefix, log_names, script, json_log="json"):
+        """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder."""
+        self.folder, self.prefix, self.script = folder, prefix, script
+        self.logs = RunLogs({k: os.path.join(folder, name) for k, name in log_names.items()})
+        self.json_log = json_log
+        self.ckpt_path = self.path("_checkpoint.pth.tar")
+        self.prev_path = self.path("_checkpoint_prev.pth.tar")
+        self.config_path = self.path("_config.json")
+        self.lock_path = os.path.join(folder, f".{prefix}.lock")
+        self.lock_fd = None
+        self.writer = None
+        self.kept_epoch = None  # epoch of the newest checkpoint known to be complete on disk
+        self.rotate = False  # whether the current checkpoint may become the previous one on the next save
+        self.fork = None  # (folder, described logs) when continuing another folder's checkpoint here
+        self.write_error = None
+
+    def path(self, suffix):
+        """A file of this run: <folder>/<prefix><suffix>."""
+        return os.path.join(self.folder, self.prefix + suffix)
+
+    # ---- entering and leaving ------------------------------------------------------------------------------
+
+    def __enter__(self):
+        """Check that the folder is usable, take the lock, remove this run's stale temporary files."""
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise UserError(f"--output_dir {self.folder} is not usable ({exc.strerror or exc}): choose a folder "
+                            "you can write to") from None
+        try:  # released by the OS when the process dies, so a killed run never blocks the next start
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.lock_fd)
+            self.lock_fd = None
+            raise UserError(f"another process (pid {holder}) is running {self.prefix} in {self.folder}: wait for it "
+                            "to end or choose another --output_dir") from None
+        except ImportError:
+            pass
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+        self._remove_stale_temps()
+        self.writer = CheckpointWriter(on_error=self._writer_failed)
+        return self
+
+    def _remove_stale_temps(self):
+        """Delete temporary files a killed process of this run left (the lock guarantees none is in use)."""
+        names = [f for f in os.listdir(self.folder) if f.startswith(f".{self.prefix}_") and f.endswith(".tmp")]
+        stale = [os.path.join(self.folder, f) for f in names]
+        loss_dir = self.path("_losses")
+        if os.path.isdir(loss_dir):
+            stale += [os.path.join(loss_dir, f) for f in os.listdir(loss_dir) if f.startswith(".")
+                      and f.endswith(".tmp")]
+        for path in stale:
+            os.remove(path)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) left by an interrupted write", flush=True)
+
+    def _writer_failed(self):
+        """Called in the writer thread when a checkpoint write failed: interrupt the main thread now."""
+        self.write_error = True
+        _thread.interrupt_main(signal.SIGINT)
+
+    def __exit__(self, exc_type, exc, tb):
+        """Finish or discard the write in flight, close the logs, release the lock; explain an early stop."""
+        in_main = threading.current_thread() is threading.main_thread()
+        # A second Ctrl-C while the last write finishes would only leave a temporary file behind.
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if in_main else {}
+        write_error = None
+        try:
+            try:
+                self.writer.close()
+            except Exception as err:  # the write failed: keep the last good checkpoint, report below
+                write_error = err
+            self.logs.close()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)
+                self.lock_fd = None
+        if write_error is None and isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            write_error = exc
+        if write_error is not None:
+            where = getattr(write_error, "filename", None) or self.ckpt_path
+            reason = getattr(write_error, "strerror", None) or str(write_error)
+            raise UserError(f"cannot write {where} ({reason}): {self.kept()}; make room or fix the folder, then "
+                            f"continue with: {self.resume_command()}") from None
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(signal.SIGINT, f"{self.kept()}; continue with: {self.resume_command()}") from None
+        if isinstance(exc, Interrupted):
+            exc.note = f"{self.kept()}; continue with: {self.resume_command()}"
+        return False
+
+    def kept(self):
+        """What a stopped run leaves to continue from, in words."""
+        if self.kept_epoch is None:
+            return "no epoch was checkpointed yet, so the run will start again from epoch 0"
+        return f"the checkpoint of epoch {self.kept_epoch} and the logs up to it are in {self.folder}"
+
+    def resume_command(self):
+        """The command line that continues this run."""
+        argv = list(sys.argv)
+        if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
+            argv.append("--resume")
+        return "python " + shlex.join(argv)
+
+    # ---- deciding how to start -----------------------------------------------------------------------------
+
+    def open_checkpoint(self, resume_arg, defining):
+        """The checkpoint to continue from (verified and checked against `defining`), or None for a fresh start.
+
+        resume_arg: None (fresh start), "auto" (this folder's checkpoint), a checkpoint file or a folder holding
+        one. Nothing is changed here; whatever would overwrite or garble a run is refused with one line.
+        """
+        has_checkpoint = os.path.exists(self.ckpt_path) or os.path.exists(self.prev_path)
+        if not resume_arg:
+            if has_checkpoint:
+                raise UserError(f"{self.folder} already holds a {self.prefix} run: pass --resume to continue it, or "
+                                "choose another --output_dir (nothing was overwritten)")
+            self._allow_restart()
+            return None
+        path = self.ckpt_path if resume_arg == "auto" else resume_arg
+        if os.path.isdir(path):
+            path = os.path.join(path, os.path.basename(self.ckpt_path))
+        if resume_arg == "auto" and not has_checkpoint:
+            self._allow_restart()
+            print(f"--resume: {self.folder} holds no checkpoint of {self.prefix} yet: starting at epoch 0", flush=True)
+            return None
+        if resume_arg == "auto" and not os.path.exists(path):
+            path = self.prev_path
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
+        checkpoint = self._load_verified(path)
+        check_resume_args(checkpoint["args"], defining, defining.keys())
+        described = self._described_logs(checkpoint)
+        if os.path.samefile(os.path.dirname(os.path.abspath(path)), self.folder):
+            self._check_logs(described, self.folder, checkpoint["epoch"], "")
+            self._refuse_going_back(path, checkpoint["epoch"])
+            self.rotate = os.path.abspath(path) == os.path.abspath(self.ckpt_path)
+        else:
+            self._check_fork(path, checkpoint, described)
+        return checkpoint
+
+    def _allow_restart(self):
+        """Refuse a fresh start over logs, unless they are what a run killed before its first checkpoint left."""
+        if not self.logs.existing():
+            return
+        logged = _count_logged_epochs(self.logs.paths[self.json_log])
+        if logged > self.UNCHECKPOINTED_EPOCHS:
+            raise UserError(f"{self.folder} holds logs of {logged} epochs of a {self.prefix} run but no checkpoint: "
+                            "move them away or choose another --output_dir (nothing was overwritten)")
+        print(f"{self.folder} holds a {self.prefix} run stopped before its first checkpoint ({logged} epoch(s) "
+              "logged): starting it again", flush=True)
+
+    def _load_verified(self, path):
+        """Load a checkpoint after checking every record's CRC; a damaged one names the fallback."""
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            other = {os.path.abspath(self.ckpt_path): self.prev_path,
+                     os.path.abspath(self.prev_path): self.ckpt_path}.get(os.path.abspath(path))
+            if other and os.path.exists(other) and verify_checkpoint(other) is None:
+                epoch = load_checkpoint(other, mmap=True).get("epoch")
+                raise UserError(f"checkpoint {path} is damaged ({problem}); nothing was changed: the other "
+                                f"checkpoint {other} (epoch {epoch}) is intact, continue from it with --resume {other}")
+            raise UserError(f"checkpoint {path} is damaged ({problem}) and no intact checkpoint of this run is "
+                            "left: start again in a new --output_dir")
+        return load_checkpoint(path)
+
+    def _described_logs(self, checkpoint):
+        """The log contents a checkpoint belongs with: {key: {name, size, sha256 (None: not recorded)}}."""
+        if "logs" in checkpoint:
+            return checkpoint["logs"]
+        # checkpoints written before log digests were recorded hold only the sizes
+        return {k: {"name": os.path.basename(self.logs.paths[k]), "size": size, "sha256": None}
+                for k, size in checkpoint.get("log_sizes", {}).items() if k in self.logs.paths}
+
+    def _check_logs(self, described, folder, epoch, purpose):
+        """UserError unless every log in folder begins with exactly the contents the checkpoint recorded."""
+        for key, d in described.items():
+            path = os.path.join(folder, d["name"])
+            if not os.path.exists(path):
+                problem = "is missing"
+            elif os.path.getsize(path) < d["size"]:
+                problem = f"holds {os.path.getsize(path)} bytes, fewer than the {d['size']} the checkpoint recorded"
+            elif d.get("sha256") and _sha256_prefix(path, d["size"]) != d["sha256"]:
+                problem = f"does not begin with the {d['size']} bytes the checkpoint recorded (another run's log?)"
+            else:
+                continue
+            raise UserError(f"--resume: log {path} {problem}{purpose}: a checkpoint (epoch {epoch}) continues only "
+                            "with its own logs; put them back or start a new --output_dir (nothing was changed)")
+
+    def _refuse_going_back(self, path, epoch):
+        """Refuse resuming an older checkpoint where this folder's own intact checkpoint is newer (it would cut)."""
+        if os.path.abspath(path) == os.path.abspath(self.ckpt_path) or not os.path.exists(self.ckpt_path):
+            return
+        if verify_checkpoint(self.ckpt_path) is not None:
+            return  # the folder's checkpoint is damaged: going back to an older one is the way on
+        newest = load_checkpoint(self.ckpt_path, mmap=True).get("epoch")
+        if newest is not None and newest > epoch:
+            raise UserError(f"--resume {path} (epoch {epoch}) would cut the run in {self.folder}, whose checkpoint is "
+                            f"at epoch {newest}: continue that one (plain --resume), or this one in a new "
+                            "--output_dir (nothing was changed)")
+
+    def _check_fork(self, path, checkpoint, described):
+        """A checkpoint from another folder continues here only into an empty run, with its logs copied over."""
+        if self.logs.existing() or os.path.exists(self.ckpt_path) or os.path.exists(self.prev_path):
+            raise UserError(f"--resume {path}: {self.folder} already holds a {self.prefix} run of its own; continue a "
+                            "checkpoint of another folder in a new --output_dir (nothing was changed)")
+        source = os.path.dirname(os.path.abspath(path))
+        self._check_logs(described, source, checkpoint["epoch"], " (its logs up to the checkpoint are copied here)")
+        self.fork = (source, described)
+
+    def check_labels(self, checkpoint, digest, source):
+        """UserError when the training labels differ from those the checkpoint was trained on."""
+        saved = checkpoint["args"].get("labels_sha256") if checkpoint else None
+        if saved is not None and saved != digest:
+            raise UserError(f"--resume: the training labels from {source} differ from those the checkpoint was "
+                            "trained on: pass the noise file / data the run was made with, or start a new "
+                            "--output_dir")
+
+    # ---- starting, continuing, saving ----------------------------------------------------------------------
+
+    def begin(self, config):
+        """Fresh start: write the run's config and open its logs."""
+        atomic_json(config, self.config_path)
+        self.logs.start()
+
+    def restore(self, checkpoint, nets, optimizers):
+        """Continue: nets, optimizers, logs cut back to (or copied up to) the checkpoint, RNG states. Next epoch."""
+        for net, opt, net_state, opt_state in zip(nets, optimizers, checkpoint["nets"], checkpoint["optimizers"]):
+            net.load_state_dict(net_state)
+            opt.load_state_dict(opt_state)
+        described = self._described_logs(checkpoint)
+        if self.fork is not None:
+            source, _ = self.fork
+            for key, d in described.items():
+                src = os.path.join(source, d["name"])
+                atomic_write(self.logs.paths[key], lambda f, src=src, n=d["size"]: f.write(open(src, "rb").read(n)))
+            config = os.path.join(source, os.path.basename(self.config_path))
+            if os.path.exists(config):
+                atomic_write(self.config_path, lambda f: f.write(open(config, "rb").read()))
+            print(f"continuing the run of {source} from its epoch {checkpoint['epoch']} here; its logs up to that "
+                  "epoch were copied", flush=True)
+        self.logs.resume(described)
+        set_rng_state(checkpoint["rng"])
+        self.kept_epoch = checkpoint["epoch"]
+        print(f"resumed from epoch {checkpoint['epoch']}", flush=True)
+        return checkpoint["epoch"] + 1
+
+    def save(self, state):
+        """Write the checkpoint of state["epoch"] in the background; the one it replaces becomes the previous."""
+        self.writer.wait()  # the write before must have landed to decide whether it becomes the previous one
+        state = dict(state, logs=self.logs.state())
+
+        def done(epoch=state["epoch"]):
+            """The write landed: it is what a stop keeps, and it may become the previous checkpoint."""
+            self.kept_epoch, self.rotate = epoch, True
+
+        self.writer.save(state, self.ckpt_path, self.prev_path if self.rotate else None, done)
+
+    def save_file(self, path, write):
+        """Write one of the run's other files (losses, best weights) atomically."""
+        atomic_write(path, write)
+
+
+def run_config(script, args, device, num_train, sources=None, **extra):
+    """How a run was started, written once at its fresh start as <prefix>_config.json."""
+    return {"args": vars(args), "sources": sources or {}, "num_train": num_train, "device": str(device),
+            "torch": torch.__version__, "script": script, **extra}
 
 
 def json_safe(value):
@@ -193,52 +691,6 @@ def timed(fn, *args):
     t0 = time.perf_counter()
     result = fn(*args)
     return result, time.perf_counter() - t0
-
-
-class RunLogs:
-    """The run's text logs (the original code's files) plus a JSON-lines file, truncatable on resume."""
-
-    def __init__(self, paths):
-        """paths: name -> file path; nothing is opened until start() or resume()."""
-        self.paths = paths
-        self.files = {}
-
-    def existing(self):
-        """Paths among this run's logs that exist and hold something (a run that died before logging is not)."""
-        return [p for p in self.paths.values() if os.path.exists(p) and os.path.getsize(p) > 0]
-
-    def start(self):
-        """Open every log fresh."""
-        self.files = {k: open(p, "w") for k, p in self.paths.items()}
-
-    def resume(self, sizes):
-        """Cut every log back to the size it had at the checkpoint, then append."""
-        for key, path in self.paths.items():
-            size = sizes.get(key, 0)
-            with open(path, "a+") as f:
-                f.truncate(size)
-        self.files = {k: open(p, "a") for k, p in self.paths.items()}
-
-    def sizes(self):
-        """Current byte size of each log (stored in the checkpoint)."""
-        for f in self.files.values():
-            f.flush()
-        return {k: os.path.getsize(p) for k, p in self.paths.items()}
-
-    def write(self, key, text):
-        """Append text to one log and flush it."""
-        self.files[key].write(text)
-        self.files[key].flush()
-
-    def write_json(self, key, record):
-        """Append one JSON line."""
-        self.write(key, json.dumps(record, sort_keys=False) + "\n")
-
-    def close(self):
-        """Close every open log."""
-        for f in self.files.values():
-            f.close()
-        self.files = {}
 
 
 class Progress:

@@ -1,4 +1,5 @@
 """Checkpoint writing, log truncation, argument checks and the error wrapper."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ def test_checkpoint_writer_snapshots_before_training_goes_on(tmp_path):
     writer.close()
     saved = load_checkpoint(str(tmp_path / "ck.pt"))
     assert torch.equal(saved["w"], torch.zeros(1000)) and torch.equal(saved["nested"][0], torch.zeros(1000))
-    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp_")] == []
+    assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
 
 
 def test_atomic_save_keeps_the_old_file_on_failure(tmp_path):
@@ -45,11 +46,13 @@ def test_run_logs_resume_cuts_back(tmp_path):
     logs = RunLogs({"a": str(tmp_path / "a.txt")})
     logs.start()
     logs.write("a", "one\n")
-    sizes = logs.sizes()
+    state = logs.state()
     logs.write("a", "two\n")
     logs.close()
-    logs.resume(sizes)
+    assert state["a"] == {"name": "a.txt", "size": 4, "sha256": hashlib.sha256(b"one\n").hexdigest()}
+    logs.resume(state)
     logs.write("a", "three\n")
+    assert logs.state()["a"]["sha256"] == hashlib.sha256(b"one\nthree\n").hexdigest()
     logs.close()
     assert (tmp_path / "a.txt").read_text() == "one\nthree\n"
 
