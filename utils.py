@@ -29,8 +29,9 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A KeyboardInterrupt: no `except Exception` swallows it, and DataLoader worker
+    processes (which inherit the handler) leave quietly, as they do on Ctrl-C."""
 
     def __init__(self, signum, note="nothing of a run had been written yet"):
         """signum: the signal; note: what was kept and how to continue (filled in by the run folder)."""
@@ -491,10 +492,10 @@ class RunDir:
             reason = getattr(write_error, "strerror", None) or str(write_error)
             raise UserError(f"cannot write {where} ({reason}): {self.kept()}; make room or fix the folder, then "
                             f"continue with: {self.resume_command()}") from None
-        if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(signal.SIGINT, f"{self.kept()}; continue with: {self.resume_command()}") from None
         if isinstance(exc, Interrupted):
             exc.note = f"{self.kept()}; continue with: {self.resume_command()}"
+        elif isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(signal.SIGINT, f"{self.kept()}; continue with: {self.resume_command()}") from None
         return False
 
     def kept(self):

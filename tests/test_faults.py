@@ -17,6 +17,7 @@ import torch
 
 from dataloader_cifar import inject_noise
 from fake_cifar import write_fake_cifar
+from fake_realworld import write_fake_clothing1m
 from utils import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,3 +343,41 @@ def test_checkpoints_get_the_mode_of_the_logs_and_stale_temps_go(straight, data,
     theirs.write_bytes(b"x")
     train(data, out, 0)
     assert not ours.exists() and theirs.exists()
+
+
+# ---- the same mechanisms in the real-world scripts -----------------------------------------------------------
+
+@pytest.mark.parametrize("script,prefix", [("Train_cifar.py", PREFIX), ("Train_clothing1M.py", "clothing1m"),
+                                           ("Train_webvision.py", "webvision")])
+def test_every_script_checks_its_folder_and_lock_before_reading_data(script, prefix, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cmd = [sys.executable, os.path.join(ROOT, script), "--data_path", str(tmp_path / "nowhere")]
+    proc = subprocess.run(cmd + ["--output_dir", str(tmp_path / "afile")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not usable" in one_line(proc)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / f".{prefix}.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.run(cmd + ["--output_dir", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and f"is running {prefix} in {out}" in one_line(proc)
+
+
+def test_sigterm_with_loader_workers_is_one_line_and_resume_continues(tmp_path):
+    data = tmp_path / "clothing"
+    write_fake_clothing1m(str(data))
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "Train_clothing1M.py"), "--data_path", str(data), "--output_dir",
+           str(out), "--pretrained", "none", "--batch_size", 4, "--num_batches", 2, "--image_size", 64,
+           "--num_workers", 2, "--num_epochs", 1]
+    cmd = list(map(str, cmd))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("warm-up"):  # inside the warm-up epoch, its loader's workers running
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate()
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert one_line(subprocess.CompletedProcess(cmd, 143, "", err)).startswith("stopped by SIGTERM: no epoch")
+    proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(x).get("epoch") for x in open(out / "clothing1m_log.jsonl")] == [0, 1, None]
