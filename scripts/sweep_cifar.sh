@@ -191,12 +191,16 @@ def run_state(run_dir, prefix, num_epochs_flag):
     done = last_epoch(log_path)
     if done is not None and target is not None and done >= target:
         return "finished", f"epoch {done}/{target}"
-    if os.path.isfile(ckpt_path):
+    if os.path.isfile(ckpt_path) or os.path.isfile(ckpt_path.replace("_checkpoint.", "_checkpoint_prev.")):
         return "resume", f"epoch {done}/{target}" if done is not None else "checkpoint"
     logged = [os.path.join(run_dir, prefix + suffix) for suffix in ("_log.jsonl", "_acc.txt", "_stats.txt")]
     if any(os.path.isfile(p) and os.path.getsize(p) > 0 for p in logged):
-        return "blocked", (f"{run_dir} holds {prefix} logs but no checkpoint, so Train_cifar.py would refuse it: "
-                           "remove that directory to start the run again")
+        # Train_cifar.py starts a run again that was killed before its first checkpoint landed (at most two
+        # epochs logged); more logged epochs without a checkpoint are a finished run whose checkpoint is gone.
+        if done is None or done < 2:
+            return "new", "restart (stopped before its first checkpoint)"
+        return "blocked", (f"{run_dir} holds {prefix} logs of epochs up to {done} but no checkpoint, so "
+                           "Train_cifar.py would refuse it: remove that directory to start the run again")
     return "new", "no output yet"
 
 

@@ -152,7 +152,12 @@ def test_finished_skipped_interrupted_resumed(tmp_path, env):
     assert [(o["--seed"], "--resume" in o) for _, o, _ in cmds] == [("2", True), ("4", False)]
     assert "resume (epoch 123/300)" in cmds[0][2]
     assert f"# skip {root / 'cifar10_sym_0.5_seed1'}: finished (epoch 300/300)" in proc.stdout
-    assert "cifar10_sym_0.5_seed3 holds cifar10_0.5_sym logs but no checkpoint" in proc.stderr
+    assert "cifar10_sym_0.5_seed3 holds cifar10_0.5_sym logs of epochs up to 4 but no checkpoint" in proc.stderr
+    # a run killed before its first checkpoint landed starts again with the same command
+    write_run(root / "cifar10_sym_0.5_seed5", "cifar10", 0.5, "sym", 300, 1, checkpoint=False)
+    proc = sweep(["--dry-run", "--out", root, "--seeds", "5", "cifar10:sym:0.5"], env)
+    (_, opts, comment), = commands(proc.stdout)
+    assert "--resume" not in opts and "restart (stopped before its first checkpoint)" in comment
     # A longer --num_epochs after -- turns the finished run into one to continue.
     proc = sweep(["--dry-run", "--out", root, "--seeds", "1", "cifar10:sym:0.5", "--", "--num_epochs", "400"], env)
     (_, opts, comment), = commands(proc.stdout)
