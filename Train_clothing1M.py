@@ -93,7 +93,7 @@ def main(args):
     if args.num_batches < 1 or args.batch_size < 1 or args.image_size < 32:
         raise UserError("--num_batches and --batch_size must be positive and --image_size at least 32")
     with RunDir(args.output_dir, args.id, {"acc": args.id + ".txt", "json": args.id + "_log.jsonl"},
-                "Train_clothing1M.py") as run:
+                "Train_clothing1M.py", carried=("_net1.pth.tar", "_net2.pth.tar")) as run:
         train(args, run)
     return 0
 

@@ -403,9 +403,11 @@ class RunDir:
     # checkpoint was being written in the background and the next one, which waits for that write to finish.
     UNCHECKPOINTED_EPOCHS = 2
 
-    def __init__(self, folder, prefix, log_names, script, json_log="json"):
-        """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder."""
+    def __init__(self, folder, prefix, log_names, script, json_log="json", carried=()):
+        """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder;
+        carried: suffixes of the run's other files that a continuation in another folder needs (best weights)."""
         self.folder, self.prefix, self.script = folder, prefix, script
+        self.carried = ("_config.json",) + tuple(carried)
         self.logs = RunLogs({k: os.path.join(folder, name) for k, name in log_names.items()})
         self.json_log = json_log
         self.ckpt_path = self.path("_checkpoint.pth.tar")
@@ -643,11 +645,12 @@ class RunDir:
             for key, d in described.items():
                 src = os.path.join(source, d["name"])
                 atomic_write(self.logs.paths[key], lambda f, src=src, n=d["size"]: f.write(open(src, "rb").read(n)))
-            config = os.path.join(source, os.path.basename(self.config_path))
-            if os.path.exists(config):
-                atomic_write(self.config_path, lambda f: f.write(open(config, "rb").read()))
+            for suffix in self.carried:
+                src = os.path.join(source, checkpoint.get("prefix", self.prefix) + suffix)
+                if os.path.exists(src):
+                    _link_or_copy(src, self.path(suffix))
             print(f"continuing the run of {source} from its epoch {checkpoint['epoch']} here; its logs up to that "
-                  "epoch were copied", flush=True)
+                  "epoch and its " + ", ".join(s.lstrip("_") for s in self.carried) + " were copied", flush=True)
         self.logs.resume(described)
         set_rng_state(checkpoint["rng"])
         self.kept_epoch = checkpoint["epoch"]
@@ -657,7 +660,7 @@ class RunDir:
     def save(self, state):
         """Write the checkpoint of state["epoch"] in the background; the one it replaces becomes the previous."""
         self.writer.wait()  # the write before must have landed to decide whether it becomes the previous one
-        state = dict(state, logs=self.logs.state())
+        state = dict(state, logs=self.logs.state(), prefix=self.prefix)
 
         def done(epoch=state["epoch"]):
             """The write landed: it is what a stop keeps, and it may become the previous checkpoint."""

@@ -157,7 +157,8 @@ def test_foreign_checkpoint_continues_in_a_new_folder_with_its_logs(straight, da
     before = snapshot(source)
     out = tmp_path / "fork"
     proc = train(data, out, 2, "--resume", source / PREV)  # the epoch-1 checkpoint, continued elsewhere
-    assert "its logs up to that epoch were copied" in proc.stdout
+    assert "its logs up to that epoch and its config.json were copied" in proc.stdout
+    assert (out / (PREFIX + "_config.json")).read_bytes() == (source / (PREFIX + "_config.json")).read_bytes()
     assert_same_run(out, straight)
     assert snapshot(source) == before
     # into a folder that holds a run of its own: refused
@@ -381,3 +382,11 @@ def test_sigterm_with_loader_workers_is_one_line_and_resume_continues(tmp_path):
     proc = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads(x).get("epoch") for x in open(out / "clothing1m_log.jsonl")] == [0, 1, None]
+    # continued in another folder, the run takes its best-validation weights along and ends the same
+    fork = tmp_path / "fork"
+    forked = [a if a != str(out) else str(fork) for a in cmd]
+    forked += ["--resume", str(out / "clothing1m_checkpoint_prev.pth.tar")]
+    proc = subprocess.run(forked, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "config.json, net1.pth.tar, net2.pth.tar were copied" in proc.stdout
+    assert (fork / "clothing1m.txt").read_text() == (out / "clothing1m.txt").read_text()
