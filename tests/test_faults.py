@@ -83,8 +83,10 @@ def snapshot(folder):
     result = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.endswith(".lock"):
-            result[name] = (os.stat(path).st_size, os.stat(path).st_mtime_ns) if name.endswith(".pth.tar") else open(path, "rb").read()
+        if not os.path.isfile(path) or name.endswith(".lock"):
+            continue
+        stat = os.stat(path)
+        result[name] = (stat.st_size, stat.st_mtime_ns) if name.endswith(".pth.tar") else open(path, "rb").read()
     return result
 
 
