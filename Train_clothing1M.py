@@ -57,6 +57,8 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off on the CPU)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max_bad_images", default=100, type=int,
+                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
     return p
 
 
@@ -107,7 +109,7 @@ def main(args):
 
     # ---- data and models -----------------------------------------------------------------------------------
     data = Clothing1M(args.data_path, args.num_class, args.batch_size, args.num_batches, args.image_size,
-                      args.num_workers, device)
+                      args.num_workers, device, args.max_bad_images)
     print(f"data: {len(data.train_paths)} noisy training images, {len(data.val_paths)} val, {len(data.test_paths)} "
           f"test; {args.num_batches * args.batch_size} drawn for each loss evaluation", flush=True)
     nets = [create_model(args.pretrained, args.num_class, device, precision) for _ in range(2)]
@@ -119,6 +121,7 @@ def main(args):
     if resume is not None:
         start_epoch = restore_run(resume, nets, optimizers, logs)
         divisions, best = resume["divisions"], resume["best"]
+        data.bad_images.restore(resume.get("bad_images", []))
     else:
         begin_run(logs, os.path.join(out, args.id + "_config.json"), "Train_clothing1M.py", args, device,
                   len(data.train_paths))
@@ -164,10 +167,12 @@ def main(args):
         seconds = time.perf_counter() - t_epoch
         logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
                                            "val_acc2": accs[1], "net1": records[0], "net2": records[1],
-                                           "seconds": seconds, "time": timing}))
+                                           **data.bad_images.epoch_record(), "seconds": seconds, "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
-              f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws", flush=True)
-        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, divisions=divisions, best=best), ckpt_path)
+              f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws  bad images {data.bad_images.count}",
+              flush=True)
+        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, divisions=divisions, best=best,
+                                   bad_images=data.bad_images.state()), ckpt_path)
     checkpoints.close()
 
     # ---- test: the two best-validation nets together -------------------------------------------------------
@@ -176,7 +181,7 @@ def main(args):
             nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
     acc = evaluate(nets, data.test_loader(), device, precision=precision)[0]
     logs.write("acc", "Test Accuracy:%.2f\n" % acc)
-    logs.write_json("json", {"phase": "test", "test_acc": acc})
+    logs.write_json("json", {"phase": "test", "test_acc": acc, **data.bad_images.epoch_record()})
     print(f"test accuracy of the best-validation nets: {acc:.2f}%", flush=True)
     logs.close()
     return 0

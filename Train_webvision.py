@@ -53,6 +53,8 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off on the CPU)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max_bad_images", default=100, type=int,
+                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
     return p
 
 
@@ -81,7 +83,7 @@ def main(args):
 
     # ---- data and models -----------------------------------------------------------------------------------
     data = WebVision(args.data_path, args.num_class, args.batch_size, args.image_size, args.train_crop,
-                     args.num_workers, device)
+                     args.num_workers, device, args.max_bad_images)
     print(f"data: {len(data.train_paths)} training images, {len(data.val_paths)} WebVision val, "
           f"{len(data.imagenet_paths)} ImageNet val", flush=True)
     nets = [create_model(args.num_class, device, precision) for _ in range(2)]
@@ -92,6 +94,7 @@ def main(args):
     if resume is not None:
         start_epoch = restore_run(resume, nets, optimizers, logs)
         probs = resume["probs"]
+        data.bad_images.restore(resume.get("bad_images", []))
     else:
         begin_run(logs, os.path.join(out, args.id + "_config.json"), "Train_webvision.py", args, device,
                   len(data.train_paths))
@@ -132,11 +135,12 @@ def main(args):
         seconds = time.perf_counter() - t_epoch
         logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
                                            "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
-                                           "net1": records[0], "net2": records[1], "seconds": seconds,
-                                           "time": timing}))
+                                           "net1": records[0], "net2": records[1], **data.bad_images.epoch_record(),
+                                           "seconds": seconds, "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
-              f"lr {lr:g}  {seconds:.1f}s", flush=True)
-        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, probs=probs), ckpt_path)
+              f"lr {lr:g}  {seconds:.1f}s  bad images {data.bad_images.count}", flush=True)
+        checkpoints.save(run_state(epoch, defining, args, nets, optimizers, logs, probs=probs,
+                                   bad_images=data.bad_images.state()), ckpt_path)
     checkpoints.close()
     logs.close()
     return 0
