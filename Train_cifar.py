@@ -206,9 +206,8 @@ def train(args, run, sources):
     print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
     seed_everything(args.seed)
     dataloader_cifar.ensure_data(args.data_path, args.dataset, args.download)
-    train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset)
-    if clean.max() >= args.num_class:
-        raise UserError(f"{args.data_path} has labels up to {clean.max()}, more than --num_class {args.num_class}")
+    # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written
+    train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset, args.num_class)
     noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
     noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
                                                            args.num_class, args.seed)

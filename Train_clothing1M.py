@@ -57,6 +57,8 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off on the CPU)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max_bad_images", default=100, type=int,
+                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
     return p
 
 
@@ -111,7 +113,7 @@ def train(args, run):
 
     # ---- data and models -----------------------------------------------------------------------------------
     data = Clothing1M(args.data_path, args.num_class, args.batch_size, args.num_batches, args.image_size,
-                      args.num_workers, device)
+                      args.num_workers, device, args.max_bad_images)
     defining["labels_sha256"] = labels_digest(data.train_labels)
     run.check_labels(resume, defining["labels_sha256"], f"{args.data_path}/noisy_label_kv.txt")
     print(f"data: {len(data.train_paths)} noisy training images, {len(data.val_paths)} val, {len(data.test_paths)} "
@@ -125,6 +127,7 @@ def train(args, run):
     if resume is not None:
         start_epoch = run.restore(resume, nets, optimizers)
         divisions, best = resume["divisions"], resume["best"]
+        data.bad_images.restore(resume.get("bad_images", []))
     else:
         run.begin(run_config("Train_clothing1M.py", args, device, len(data.train_paths),
                              labels_sha256=defining["labels_sha256"]))
@@ -169,10 +172,12 @@ def train(args, run):
         seconds = time.perf_counter() - t_epoch
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
                                            "val_acc2": accs[1], "net1": records[0], "net2": records[1],
-                                           "seconds": seconds, "time": timing}))
+                                           **data.bad_images.epoch_record(), "seconds": seconds, "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
-              f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws", flush=True)
-        run.save(run_state(epoch, defining, args, nets, optimizers, divisions=divisions, best=best))
+              f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws  bad images {data.bad_images.count}",
+              flush=True)
+        run.save(run_state(epoch, defining, args, nets, optimizers, divisions=divisions, best=best,
+                           bad_images=data.bad_images.state()))
 
     # ---- test: the two best-validation nets together -------------------------------------------------------
     for k in range(2):
@@ -180,7 +185,7 @@ def train(args, run):
             nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
     acc = evaluate(nets, data.test_loader(), device, precision=precision)[0]
     run.logs.write("acc", "Test Accuracy:%.2f\n" % acc)
-    run.logs.write_json("json", {"phase": "test", "test_acc": acc})
+    run.logs.write_json("json", {"phase": "test", "test_acc": acc, **data.bad_images.epoch_record()})
     print(f"test accuracy of the best-validation nets: {acc:.2f}%", flush=True)
 
 

@@ -52,6 +52,8 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on with CUDA, off on the CPU)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--max_bad_images", default=100, type=int,
+                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
     return p
 
 
@@ -83,7 +85,7 @@ def train(args, run):
 
     # ---- data and models -----------------------------------------------------------------------------------
     data = WebVision(args.data_path, args.num_class, args.batch_size, args.image_size, args.train_crop,
-                     args.num_workers, device)
+                     args.num_workers, device, args.max_bad_images)
     defining["labels_sha256"] = labels_digest(data.train_labels)
     run.check_labels(resume, defining["labels_sha256"], f"{args.data_path}/info/train_filelist_google.txt")
     print(f"data: {len(data.train_paths)} training images, {len(data.val_paths)} WebVision val, "
@@ -96,6 +98,7 @@ def train(args, run):
     if resume is not None:
         start_epoch = run.restore(resume, nets, optimizers)
         probs = resume["probs"]
+        data.bad_images.restore(resume.get("bad_images", []))
     else:
         run.begin(run_config("Train_webvision.py", args, device, len(data.train_paths),
                              labels_sha256=defining["labels_sha256"]))
@@ -135,11 +138,12 @@ def train(args, run):
         seconds = time.perf_counter() - t_epoch
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
                                            "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
-                                           "net1": records[0], "net2": records[1], "seconds": seconds,
-                                           "time": timing}))
+                                           "net1": records[0], "net2": records[1], **data.bad_images.epoch_record(),
+                                           "seconds": seconds, "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
-              f"lr {lr:g}  {seconds:.1f}s", flush=True)
-        run.save(run_state(epoch, defining, args, nets, optimizers, probs=probs))
+              f"lr {lr:g}  {seconds:.1f}s  bad images {data.bad_images.count}", flush=True)
+        run.save(run_state(epoch, defining, args, nets, optimizers, probs=probs,
+                           bad_images=data.bad_images.state()))
 
 
 if __name__ == "__main__":

@@ -69,30 +69,50 @@ def ensure_data(data_path, dataset, allow_download):
                         f" or pass --download")
 
 
-def _read_batch(path, label_key):
-    """Read one pickled CIFAR batch: (N x 3 x 32 x 32 uint8 array, label list)."""
+def _read_batch(path, label_key, num_class):
+    """Read one pickled CIFAR batch: (N x 3 x 32 x 32 uint8 array, int64 labels), pixels and labels range-checked."""
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        labels = list(entry[label_key])
-        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
-            raise ValueError(f"data {data.shape} with {len(labels)} labels")
+        raw = np.asarray(entry["data"])
+        labels = np.asarray(entry[label_key])
+        if raw.ndim != 2 or raw.shape[1] != 3072 or labels.ndim != 1 or len(labels) != raw.shape[0]:
+            raise ValueError(f"data {raw.shape} with {labels.shape} labels")
     except Exception as exc:
         raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}): replace it with the "
                         "original file (or delete it and pass --download)") from None
-    return data.reshape(-1, 3, 32, 32), labels
+    fix = ("replace it with the original file (or delete it and pass --download); a data set of your own in this "
+           "layout needs")
+    if raw.dtype != np.uint8:
+        # Casting to uint8 would wrap 256 to 0 and -1 to 255 without a word: check the values first.
+        whole = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and bool(np.all(np.mod(raw, 1) == 0)))
+        if not whole:
+            raise UserError(f"{path} has pixel values that are not whole numbers (dtype {raw.dtype}): {fix} uint8 "
+                            "pixels 0..255")
+        outside = raw[(raw < 0) | (raw > 255)]
+        if outside.size:
+            raise UserError(f"{path} has pixel values outside 0..255 (e.g. {outside[0]}): {fix} uint8 pixels 0..255")
+        raw = raw.astype(np.uint8)
+    if labels.dtype.kind not in "iu":
+        raise UserError(f"{path} has labels that are not integers (dtype {labels.dtype}): {fix} integer labels")
+    outside = labels[(labels < 0) | (labels >= num_class)]
+    if outside.size:
+        raise UserError(f"{path} has labels outside 0..{num_class - 1} (e.g. {outside[0]}): {fix} labels 0..C-1 "
+                        "and --num_class C")
+    return raw.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def read_cifar(data_path, dataset):
+def read_cifar(data_path, dataset, num_class=None):
     """Read train and test sets: (train_images N x 3 x 32 x 32 uint8, train_labels, test_images, test_labels)."""
-    parts = [_read_batch(os.path.join(data_path, f), LABEL_KEY[dataset]) for f in TRAIN_FILES[dataset]]
-    test = [_read_batch(os.path.join(data_path, f), LABEL_KEY[dataset]) for f in TEST_FILES[dataset]]
+    # every label, train and test alike, must lie in 0..num_class-1 (default: the classes of `dataset`)
+    num_class = NUM_CLASSES[dataset] if num_class is None else num_class
+    parts = [_read_batch(os.path.join(data_path, f), LABEL_KEY[dataset], num_class) for f in TRAIN_FILES[dataset]]
+    test = [_read_batch(os.path.join(data_path, f), LABEL_KEY[dataset], num_class) for f in TEST_FILES[dataset]]
     train_x = np.concatenate([p[0] for p in parts])
-    train_y = [y for p in parts for y in p[1]]
+    train_y = np.concatenate([p[1] for p in parts])
     test_x = np.concatenate([p[0] for p in test])
-    test_y = [y for p in test for y in p[1]]
-    return train_x, np.asarray(train_y, dtype=np.int64), test_x, np.asarray(test_y, dtype=np.int64)
+    test_y = np.concatenate([p[1] for p in test])
+    return train_x, train_y, test_x, test_y
 
 
 # ----------------------------------------------------------------------------- noise

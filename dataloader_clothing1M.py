@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torchvision.transforms as T
 
-from imagelist import (ImageListDataset, check_images_exist, check_list_files, class_balanced_draw, make_loader,
-                       read_lines)
+from imagelist import (BadImages, ImageListDataset, check_images, check_list_files, class_balanced_draw, make_loader,
+                       numbered_lines, read_labeled_list)
 from utils import UserError
 
 MEAN, STD = (0.6959, 0.6537, 0.6371), (0.3113, 0.3192, 0.3214)
@@ -31,20 +31,20 @@ def transforms(image_size):
 def _read_kv(path, num_class):
     """{key: label} of a key-value label file, checked against num_class."""
     table = {}
-    for line in read_lines(path):
-        key, label = line.split()[:2]
-        table[key] = int(label)
-    bad = [v for v in table.values() if not 0 <= v < num_class]
-    if bad:
-        raise UserError(f"{path} has labels outside 0..{num_class - 1} (e.g. {bad[0]}): check --num_class")
+    for number, key, label in read_labeled_list(path):
+        if label >= num_class:
+            raise UserError(f"{path}:{number}: label {label} is outside 0..{num_class - 1}: check --num_class "
+                            "(Clothing1M has 14 classes) or fix the line")
+        table[key] = label
     return table
 
 
 class Clothing1M:
     """The Clothing1M lists, read once per run, and the loaders of every phase."""
 
-    def __init__(self, root, num_class, batch_size, num_batches, image_size, num_workers, device):
-        """Read and check the list files and a sample of the referenced images."""
+    def __init__(self, root, num_class, batch_size, num_batches, image_size, num_workers, device, max_bad_images=100):
+        """Read and check the list files and every referenced image file (not decoded: see imagelist)."""
+        self.bad_images = BadImages(max_bad_images)
         check_list_files(root, LIST_FILES, "Clothing1M")
         self.root, self.num_class, self.batch_size, self.num_batches = root, num_class, batch_size, num_batches
         self.num_workers, self.device = num_workers, device
@@ -56,53 +56,58 @@ class Clothing1M:
         self.test_paths, self.test_labels = self._split("clean_test_key_list.txt", clean)
         for paths, name in ((self.train_paths, "noisy_train_key_list.txt"),
                             (self.val_paths, "clean_val_key_list.txt"), (self.test_paths, "clean_test_key_list.txt")):
-            check_images_exist(paths, os.path.join(root, name))
-        self.val_loader = make_loader(ImageListDataset(self.val_paths, self.val_labels, self.test_tf), batch_size * 2,
-                                      False, num_workers, device, persistent=True)
+            check_images(paths, os.path.join(root, name))
+        self.val_loader = self._loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, batch_size * 2,
+                                       False, persistent=True, drop_bad=True)
 
     def _split(self, list_name, table):
         """Image paths and labels of one key list, with keys looked up in a label table."""
-        keys = read_lines(os.path.join(self.root, list_name))
-        missing = [k for k in keys if k not in table]
+        path = os.path.join(self.root, list_name)
+        lines = numbered_lines(path)
+        missing = [(n, k) for n, k in lines if k not in table]
         if missing:
-            raise UserError(f"{list_name} has {len(missing)} keys without a label (e.g. {missing[0]}): the kv files "
-                            "do not match the key lists")
+            raise UserError(f"{path}:{missing[0][0]}: key {missing[0][1]!r} has no label ({len(missing)} keys of "
+                            f"{list_name} lack one): the kv files do not match the key lists")
+        keys = [k for _, k in lines]
         return [os.path.join(self.root, k[KEY_PREFIX:]) for k in keys], np.array([table[k] for k in keys])
 
     def draw(self, num_samples, rng):
         """Indices into the training list of a fresh class-balanced draw."""
         return class_balanced_draw(self.train_labels, num_samples, self.num_class, rng)
 
-    def _subset(self, idx, mode, transform, prob=None):
-        """ImageListDataset over the training images at idx."""
-        return ImageListDataset([self.train_paths[i] for i in idx], self.train_labels[idx], transform, mode, prob)
+    def _loader(self, paths, labels, transform, mode, prob, batch_size, shuffle, persistent=False, drop_bad=False):
+        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages."""
+        dataset = ImageListDataset(paths, labels, transform, mode, prob, self.bad_images.max_tries)
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.device, self.bad_images, persistent,
+                           drop_bad)
+
+    def _subset(self, idx, mode, transform, batch_size, shuffle, prob=None):
+        """Loader over the training images at idx."""
+        return self._loader([self.train_paths[i] for i in idx], self.train_labels[idx], transform, mode, prob,
+                            batch_size, shuffle)
 
     def warmup_loader(self, rng):
         """Shuffled, augmented draw of num_batches x batch_size x 2 images, batch 2 x batch_size."""
         idx = self.draw(self.num_batches * self.batch_size * 2, rng)
-        return make_loader(self._subset(idx, "plain", self.train_tf), self.batch_size * 2, True, self.num_workers,
-                           self.device)
+        return self._subset(idx, "plain", self.train_tf, self.batch_size * 2, True)
 
     def eval_loader(self, idx):
         """The images at idx in order, unaugmented (loss evaluation)."""
-        return make_loader(self._subset(idx, "plain", self.test_tf), self.batch_size * 2, False, self.num_workers,
-                           self.device)
+        return self._subset(idx, "plain", self.test_tf, self.batch_size * 2, False)
 
     def labeled_loader(self, idx, pred, prob):
         """Images of the draw idx with pred True: two views, noisy label and clean probability."""
         sel = np.flatnonzero(pred)
-        return make_loader(self._subset(idx[sel], "labeled", self.train_tf, prob[sel]), self.batch_size, True,
-                           self.num_workers, self.device)
+        return self._subset(idx[sel], "labeled", self.train_tf, self.batch_size, True, prob[sel])
 
     def unlabeled_loader(self, idx, pred):
         """Images of the draw idx with pred False: two views; None when there are none."""
         sel = np.flatnonzero(~pred)
         if not len(sel):
             return None
-        return make_loader(self._subset(idx[sel], "unlabeled", self.train_tf), self.batch_size, True,
-                           self.num_workers, self.device)
+        return self._subset(idx[sel], "unlabeled", self.train_tf, self.batch_size, True)
 
     def test_loader(self):
         """The clean test set, unaugmented."""
-        return make_loader(ImageListDataset(self.test_paths, self.test_labels, self.test_tf), self.batch_size * 2,
-                           False, self.num_workers, self.device)
+        return self._loader(self.test_paths, self.test_labels, self.test_tf, "plain", None, self.batch_size * 2, False,
+                            drop_bad=True)

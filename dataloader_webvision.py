@@ -9,7 +9,8 @@ import os
 import numpy as np
 import torchvision.transforms as T
 
-from imagelist import ImageListDataset, check_images_exist, check_list_files, make_loader, read_lines
+from imagelist import (IMAGE_EXTENSIONS, BadImages, ImageListDataset, check_images, check_list_files,
+                       list_image_folder, make_loader, read_labeled_list)
 from utils import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -31,67 +32,81 @@ def transforms(image_size, train_crop):
 
 
 def _read_list(path, folder, num_class):
-    """Paths and labels of a `relative/path label` list, keeping labels below num_class."""
+    """Paths and labels of a `relative/path label` list, keeping labels below num_class (the original's rule)."""
     paths, labels = [], []
-    for line in read_lines(path):
-        rel, label = line.rsplit(None, 1)
-        if int(label) < num_class:
+    for _, rel, label in read_labeled_list(path):
+        if label < num_class:
             paths.append(os.path.join(folder, rel))
-            labels.append(int(label))
+            labels.append(label)
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def _read_imagenet(imagenet, num_class):
+    """Paths and labels of the images in imagenet/0..num_class-1; other files there are skipped with a warning."""
+    paths, labels, skipped = [], [], []
+    for c in range(num_class):
+        folder = os.path.join(imagenet, str(c))
+        images, others = list_image_folder(folder) if os.path.isdir(folder) else ([], [])
+        paths += images
+        labels += [c] * len(images)
+        skipped += [os.path.join(str(c), name) for name in others]
+    if skipped:
+        print(f"warning: skipped {len(skipped)} entries of {imagenet}/<class>/ that are not image files (e.g. "
+              f"{', '.join(skipped[:3])}): only {' '.join(IMAGE_EXTENSIONS)} files are read", flush=True)
     return paths, np.array(labels, dtype=np.int64)
 
 
 class WebVision:
     """The WebVision lists, read once per run, the ImageNet val images of the same classes, and the loaders."""
 
-    def __init__(self, root, num_class, batch_size, image_size, train_crop, num_workers, device):
-        """Read and check the list files, the ImageNet val folders and a sample of the referenced images."""
+    def __init__(self, root, num_class, batch_size, image_size, train_crop, num_workers, device, max_bad_images=100):
+        """Read and check the list files, the ImageNet val folders and every referenced image file (not decoded)."""
+        self.bad_images = BadImages(max_bad_images)
         check_list_files(root, LIST_FILES, "WebVision")
         self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
         self.train_tf, self.test_tf = transforms(image_size, train_crop)
         self.train_paths, self.train_labels = _read_list(os.path.join(root, LIST_FILES[0]), root, num_class)
         self.val_paths, self.val_labels = _read_list(os.path.join(root, LIST_FILES[1]),
                                                      os.path.join(root, "val_images_256"), num_class)
-        check_images_exist(self.train_paths, os.path.join(root, LIST_FILES[0]))
-        check_images_exist(self.val_paths, os.path.join(root, LIST_FILES[1]))
+        check_images(self.train_paths, os.path.join(root, LIST_FILES[0]))
+        check_images(self.val_paths, os.path.join(root, LIST_FILES[1]))
         imagenet = os.path.join(root, "imagenet", "val")
         if not os.path.isdir(imagenet):
             raise UserError(f"WebVision: {imagenet} is missing: it holds the ImageNet val images of the first "
                             f"{num_class} classes in folders 0..{num_class - 1} (see README)")
-        self.imagenet_paths, self.imagenet_labels = [], []
-        for c in range(num_class):
-            folder = os.path.join(imagenet, str(c))
-            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-                self.imagenet_paths.append(os.path.join(folder, name))
-                self.imagenet_labels.append(c)
+        self.imagenet_paths, self.imagenet_labels = _read_imagenet(imagenet, num_class)
         if not self.imagenet_paths:
             raise UserError(f"WebVision: no images in {imagenet}/0..{num_class - 1}: see README, data preparation")
-        self.imagenet_labels = np.array(self.imagenet_labels, dtype=np.int64)
+        check_images(self.imagenet_paths, imagenet)
         eval_bs = batch_size * 2
-        self.val_loader = make_loader(ImageListDataset(self.val_paths, self.val_labels, self.test_tf), eval_bs, False,
-                                      num_workers, device, persistent=True)
-        self.imagenet_loader = make_loader(ImageListDataset(self.imagenet_paths, self.imagenet_labels, self.test_tf),
-                                           eval_bs, False, num_workers, device, persistent=True)
-        self.eval_loader = make_loader(ImageListDataset(self.train_paths, self.train_labels, self.test_tf), eval_bs,
-                                       False, num_workers, device, persistent=True)
+        self.val_loader = self._loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, eval_bs, False,
+                                       persistent=True, drop_bad=True)
+        self.imagenet_loader = self._loader(self.imagenet_paths, self.imagenet_labels, self.test_tf, "plain", None,
+                                            eval_bs, False, persistent=True, drop_bad=True)
+        self.eval_loader = self._loader(self.train_paths, self.train_labels, self.test_tf, "plain", None, eval_bs,
+                                        False, persistent=True)
+
+    def _loader(self, paths, labels, transform, mode, prob, batch_size, shuffle, persistent=False, drop_bad=False):
+        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages."""
+        dataset = ImageListDataset(paths, labels, transform, mode, prob, self.bad_images.max_tries)
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.device, self.bad_images, persistent,
+                           drop_bad)
 
     def warmup_loader(self):
         """All training images, shuffled and augmented, batch 2 x batch_size."""
-        return make_loader(ImageListDataset(self.train_paths, self.train_labels, self.train_tf), self.batch_size * 2,
-                           True, self.num_workers, self.device)
+        return self._loader(self.train_paths, self.train_labels, self.train_tf, "plain", None, self.batch_size * 2,
+                            True)
 
     def labeled_loader(self, pred, prob):
         """Training images with pred True: two views, noisy label and clean probability."""
         sel = np.flatnonzero(pred)
-        dataset = ImageListDataset([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf,
-                                   "labeled", prob[sel])
-        return make_loader(dataset, self.batch_size, True, self.num_workers, self.device)
+        return self._loader([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf, "labeled",
+                            prob[sel], self.batch_size, True)
 
     def unlabeled_loader(self, pred):
         """Training images with pred False: two views; None when there are none."""
         sel = np.flatnonzero(~pred)
         if not len(sel):
             return None
-        dataset = ImageListDataset([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf,
-                                   "unlabeled")
-        return make_loader(dataset, self.batch_size, True, self.num_workers, self.device)
+        return self._loader([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf, "unlabeled",
+                            None, self.batch_size, True)

@@ -49,7 +49,7 @@ def test_missing_list_and_images(tmp_path):
     write_fake_clothing1m(str(tmp_path), n_train=20, n_val=5, n_test=5)
     for name in os.listdir(tmp_path / "1"):
         os.remove(tmp_path / "1" / name)
-    with pytest.raises(UserError, match=r"\d+ of \d+ sampled images listed in .*noisy_train_key_list.txt are missing"):
+    with pytest.raises(UserError, match=r"\d+ of \d+ images listed in .*noisy_train_key_list.txt are missing"):
         Clothing1M(str(tmp_path), 14, 4, 2, 32, 0, cpu)
 
 

@@ -55,7 +55,7 @@ def test_missing_files(tmp_path):
         WebVision(str(tmp_path), 50, 4, 75, "center", 0, cpu)
     write_fake_webvision(str(tmp_path))
     os.remove(tmp_path / "val_images_256" / "val00000003.jpg")
-    with pytest.raises(UserError, match=r"1 of 10 sampled images listed in .*val_filelist.txt are missing"):
+    with pytest.raises(UserError, match=r"1 of 10 images listed in .*val_filelist.txt are missing"):
         WebVision(str(tmp_path), 50, 4, 75, "center", 0, cpu)
 
 
