@@ -19,17 +19,21 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (CheckpointWriter, RunLogs, UserError, begin_run, json_safe, open_run, restore_run, run_main,
-                   run_state, seed_everything, select_device)
+from utils import (NON_NEGATIVE, TRAIN_FLAGS, CheckpointWriter, FlagParser, Range, RunLogs, begin_run, check_flags,
+                   json_safe, open_run, restore_run, run_main, run_state, seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
                  "image_size", "train_crop")
+# Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
+# epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
+FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
+               "image_size": Range(75, note="Inception-ResNet-v2's smallest input"), "num_workers": NON_NEGATIVE}
 
 
 def get_args_parser():
     """The original code's flags and defaults, plus the new ones."""
-    p = argparse.ArgumentParser(description="DivideMix on WebVision")
+    p = FlagParser(description="DivideMix on WebVision")
     p.add_argument("--batch_size", default=32, type=int)
     p.add_argument("--lr", "--learning_rate", default=0.01, type=float, dest="lr")
     p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
@@ -65,8 +69,7 @@ def create_model(num_class, device, precision):
 def main(args):
     """Set up, then run epochs start..num_epochs: train, test on both val sets, divide for the next epoch."""
     # ---- settings ------------------------------------------------------------------------------------------
-    if args.batch_size < 1 or args.image_size < 75:
-        raise UserError("--batch_size must be positive and --image_size at least 75 (the network's smallest input)")
+    check_flags(args, FLAG_RANGES)
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     logs = RunLogs({"acc": os.path.join(out, args.id + "_acc.txt"), "stats": os.path.join(out, args.id + "_stats.txt"),
