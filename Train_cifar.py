@@ -20,8 +20,8 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
-from utils import (RunDir, UserError, atomic_write, json_safe, labels_digest, run_config, run_main, run_state,
-                   seed_everything, select_device, timed)
+from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, check_flags, json_safe,
+                   labels_digest, run_config, run_main, run_state, seed_everything, select_device, timed)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -41,11 +41,15 @@ LR_DECAY_EPOCH = 150
 # Arguments that define a run: --resume refuses a checkpoint made with other values.
 DEFINING_ARGS = ("dataset", "r", "noise_mode", "seed", "batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T",
                  "num_class", "warm_up", "loss_window")
+# Allowed values of every numeric flag, checked before anything is read or written. A warm_up beyond num_epochs
+# is allowed: the run is then warm-up only.
+FLAG_RANGES = {**TRAIN_FLAGS, **dataloader_cifar.NOISE_FLAGS, "eval_batch_size": Range(1),
+               "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1)}
 
 
 def get_args_parser():
     """Command-line arguments: the original code's flags and defaults, plus the new ones."""
-    p = argparse.ArgumentParser(description="DivideMix on CIFAR-10/100", add_help=True)
+    p = FlagParser(description="DivideMix on CIFAR-10/100", add_help=True)
     p.add_argument("--batch_size", default=64, type=int, help="train batch size")
     p.add_argument("--lr", "--learning_rate", default=0.02, type=float, dest="lr", help="initial learning rate")
     p.add_argument("--noise_mode", default="sym", help="sym or asym")
@@ -69,8 +73,8 @@ def get_args_parser():
                    help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
     p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
     p.add_argument("--noise_file", default=None, type=str,
-                   help="noisy labels to use or create (default: <data_path>/<r:.1f>_<noise_mode>.json, the "
-                        "original's name, which does not include the seed)")
+                   help="noisy labels to use or create (default: <data_path>/<r>_<noise_mode>.json, r with one "
+                        "decimal as in the original's name when that is exact, else every digit; no seed in it)")
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
@@ -84,12 +88,11 @@ def get_args_parser():
 
 def resolve_settings(args):
     """Validate the arguments and fill the preset-dependent ones; return {name: where its value came from}."""
+    check_flags(args, FLAG_RANGES)
     dataloader_cifar.validate_setting(args.dataset, args.r, args.noise_mode)
-    for name in ("batch_size", "num_epochs", "eval_batch_size"):
-        if getattr(args, name) < (0 if name == "num_epochs" else 1):
-            raise UserError(f"--{name} {getattr(args, name)} is not allowed: give a positive number")
     sources = {}
-    preset = PAPER_PRESETS.get((args.dataset, args.noise_mode, round(args.r, 2)))
+    # Only the paper's own r has a paper cell: --r 0.45 trains at 0.45 and gets no cell of 0.4 or 0.5.
+    preset = PAPER_PRESETS.get((args.dataset, args.noise_mode, args.r))
     for name in ("lambda_u", "p_threshold"):
         if getattr(args, name) is not None:
             sources[name] = "flag"
@@ -99,20 +102,26 @@ def resolve_settings(args):
         else:
             setattr(args, name, float(ORIGINAL_DEFAULTS[name]))
             sources[name] = "original-code default (no paper preset for this setting)"
-    derived = {"num_class": dataloader_cifar.NUM_CLASSES[args.dataset], "warm_up": WARM_UP[args.dataset],
-               "loss_window": 5 if round(args.r, 2) == 0.9 else 1}
-    for name, value in derived.items():
+    window_source = ("paper preset" if preset is not None
+                     else "rule: 5 at r = 0.9, else 1 (no paper cell for this setting)")
+    derived = {"num_class": (dataloader_cifar.NUM_CLASSES[args.dataset], f"from --dataset {args.dataset}"),
+               "warm_up": (WARM_UP[args.dataset], f"from --dataset {args.dataset}"),
+               "loss_window": (5 if args.r == 0.9 else 1, window_source)}
+    for name, (value, source) in derived.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-            sources[name] = f"from --dataset {args.dataset}" if name != "loss_window" else "paper preset"
+            sources[name] = source
         else:
             sources[name] = "flag"
     if args.num_class < dataloader_cifar.NUM_CLASSES[args.dataset]:
         raise UserError(f"--num_class {args.num_class} is below the {dataloader_cifar.NUM_CLASSES[args.dataset]} "
                         f"classes of {args.dataset}: drop the flag, it follows --dataset")
-    if args.loss_window < 1:
-        raise UserError("--loss_window must be at least 1")
     return sources
+
+
+def run_prefix(dataset, r, noise_mode):
+    """The run's file prefix, e.g. cifar10_0.5_sym: the original's name for one-decimal r, every digit otherwise."""
+    return "%s_%s_%s" % (dataset, dataloader_cifar.ratio_text(r), noise_mode)
 
 
 def create_model(num_class, device, precision, compile_net=False):
@@ -186,7 +195,7 @@ def save_division(path, divisions, clean_mask, p_threshold):
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     sources = resolve_settings(args)
-    prefix = "%s_%.1f_%s" % (args.dataset, args.r, args.noise_mode)
+    prefix = run_prefix(args.dataset, args.r, args.noise_mode)
     log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
     with RunDir(args.output_dir, prefix, log_names, "Train_cifar.py") as run:
         train(args, run, sources)

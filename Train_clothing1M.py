@@ -22,17 +22,23 @@ from dataloader_clothing1M import Clothing1M
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
-from utils import (RunDir, UserError, atomic_save, json_safe, labels_digest, run_config, run_main, run_state,
+from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_save,
+                   check_flags, json_safe, labels_digest, run_config, run_main, run_state,
                    seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
                  "warm_up", "pretrained", "image_size")
+# Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
+# epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
+FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
+               "num_batches": AT_LEAST_ONE, "image_size": Range(32, note="ResNet-50 reduces it 32-fold"),
+               "num_workers": NON_NEGATIVE, "max_bad_images": NON_NEGATIVE}
 
 
 def get_args_parser():
     """The original code's flags and defaults, plus the new ones."""
-    p = argparse.ArgumentParser(description="DivideMix on Clothing1M")
+    p = FlagParser(description="DivideMix on Clothing1M")
     p.add_argument("--batch_size", default=32, type=int)
     p.add_argument("--lr", "--learning_rate", default=0.002, type=float, dest="lr")
     p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
@@ -92,8 +98,7 @@ def create_model(pretrained, num_class, device, precision):
 
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
-    if args.num_batches < 1 or args.batch_size < 1 or args.image_size < 32:
-        raise UserError("--num_batches and --batch_size must be positive and --image_size at least 32")
+    check_flags(args, FLAG_RANGES)
     with RunDir(args.output_dir, args.id, {"acc": args.id + ".txt", "json": args.id + "_log.jsonl"},
                 "Train_clothing1M.py", carried=("_net1.pth.tar", "_net2.pth.tar")) as run:
         train(args, run)

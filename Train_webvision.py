@@ -18,17 +18,22 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (RunDir, UserError, json_safe, labels_digest, run_config, run_main, run_state, seed_everything,
-                   select_device)
+from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, json_safe, labels_digest,
+                   run_config, run_main, run_state, seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
                  "image_size", "train_crop")
+# Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
+# epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
+FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
+               "image_size": Range(75, note="Inception-ResNet-v2's smallest input"), "num_workers": NON_NEGATIVE,
+               "max_bad_images": NON_NEGATIVE}
 
 
 def get_args_parser():
     """The original code's flags and defaults, plus the new ones."""
-    p = argparse.ArgumentParser(description="DivideMix on WebVision")
+    p = FlagParser(description="DivideMix on WebVision")
     p.add_argument("--batch_size", default=32, type=int)
     p.add_argument("--lr", "--learning_rate", default=0.01, type=float, dest="lr")
     p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
@@ -65,8 +70,7 @@ def create_model(num_class, device, precision):
 
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
-    if args.batch_size < 1 or args.image_size < 75:
-        raise UserError("--batch_size must be positive and --image_size at least 75 (the network's smallest input)")
+    check_flags(args, FLAG_RANGES)
     log_names = {"acc": args.id + "_acc.txt", "stats": args.id + "_stats.txt", "json": args.id + "_log.jsonl"}
     with RunDir(args.output_dir, args.id, log_names, "Train_webvision.py") as run:
         train(args, run)

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 
 import numpy as np
@@ -24,8 +23,14 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, train_epoch,
                        warmup_epoch)
 from PreResNet import ResNet18
+from utils import AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, UserError, check_flags, run_main
 
 PHASES = ("warmup", "eval", "gmm", "train1", "train2", "test")
+# Allowed values of every numeric flag. The GMM needs two images at least, and the fixed half/half division
+# needs both halves non-empty: 16 images make an empty half unlikely (2 / 2**16).
+FLAG_RANGES = {"num_train": Range(16, note="the benchmark's division needs both halves"), "num_test": AT_LEAST_ONE,
+               "batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE, "num_workers": NON_NEGATIVE,
+               "epochs": Range(1, note="train epochs per net"), "seed": SEED}
 
 
 # ----------------------------------------------------------------------------- the straightforward baseline
@@ -132,7 +137,7 @@ def run_phases(name, loaders, precision, args, device, clean_mask):
 
 def get_args_parser():
     """Benchmark arguments."""
-    p = argparse.ArgumentParser(description="Time DivideMix phases: this project vs a straightforward baseline")
+    p = FlagParser(description="Time DivideMix phases: this project vs a straightforward baseline")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--num_train", default=None, type=int, help="training images (default: 50000 cuda, 512 cpu)")
     p.add_argument("--num_test", default=None, type=int, help="test images (default: 10000 cuda, 256 cpu)")
@@ -150,10 +155,10 @@ def get_args_parser():
 
 def main(args):
     """Build synthetic data, time both implementations, print the table and the JSON line."""
+    check_flags(args, FLAG_RANGES)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available: use --device cpu", file=sys.stderr)
-        sys.exit(2)
+        raise UserError("--device cuda but CUDA is not available: use --device cpu")
     n_train = args.num_train or (50000 if device.type == "cuda" else 512)
     n_test = args.num_test or (10000 if device.type == "cuda" else 256)
     rng = np.random.default_rng(args.seed)
@@ -212,4 +217,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_main(main, get_args_parser().parse_args())

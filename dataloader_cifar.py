@@ -4,18 +4,19 @@ on the training device, and the loaders for warm-up, loss evaluation, labeled, u
 Run as a command it writes a noise file without training:
     python dataloader_cifar.py --dataset cifar10 --data_path D --r 0.5 --noise_mode sym --seed 123
 """
-import argparse
 import json
+import math
 import os
 import pickle
 import random
 import shutil
+from decimal import Decimal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import UserError, run_main
+from utils import SEED, FlagParser, Range, UserError, check_flags, check_value, run_main
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 MEAN_STD = {
@@ -27,6 +28,13 @@ TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
 LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
 ASYM_TRANSITION = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # truck->automobile, bird->airplane, deer->horse, cat<->dog
 NOISE_MODES = ("sym", "asym")
+# Numeric flags of the noise-file command; Train_cifar.py checks the same two with the same ranges.
+NOISE_FLAGS = {"r": Range(0, 1, note="the noise ratio as a fraction, e.g. --r 0.5"), "seed": SEED}
+# A reused noise file must look like inject_noise's output: its number of changed labels may stray from the
+# expected count by NOISE_SIGMAS standard deviations (a genuine file is refused with probability below 1e-8)
+# plus NOISE_SLACK labels for the discreteness of tiny training sets.
+NOISE_SIGMAS = 6
+NOISE_SLACK = 1
 
 
 # ----------------------------------------------------------------------------- files
@@ -141,9 +149,59 @@ def inject_noise(clean_labels, r, noise_mode, num_class, seed):
     return labels
 
 
+def ratio_text(r):
+    """r as file names show it: one decimal where that is exact (the original's names), else every digit of r."""
+    r = float(r)
+    if r == round(r, 1):
+        return "%.1f" % r
+    # repr is the shortest text that reads back as r; Decimal writes it without an exponent (1e-05 -> 0.00001)
+    return format(Decimal(repr(r)), "f")
+
+
 def noise_file_path(data_path, r, noise_mode):
-    """<data_path>/<r:.1f>_<noise_mode>.json, the original code's name."""
-    return os.path.join(data_path, "%.1f_%s.json" % (r, noise_mode))
+    """<data_path>/<r>_<noise_mode>.json: the original code's name (0.5_sym.json) for one-decimal r."""
+    return os.path.join(data_path, "%s_%s.json" % (ratio_text(r), noise_mode))
+
+
+def expected_changes(clean_labels, r, noise_mode, num_class):
+    """Mean and standard deviation of the number of labels inject_noise changes in clean_labels."""
+    clean = np.asarray(clean_labels)
+    n = len(clean)
+    k = int(r * n)
+    if noise_mode == "sym":
+        p = (num_class - 1) / num_class  # a redrawn label keeps its class 1/C of the time
+        return k * p, math.sqrt(k * p * (1 - p))
+    q = float(np.isin(clean, list(ASYM_TRANSITION)).mean()) if n else 0.0
+    # The k noisy indices are drawn without replacement: the mapped ones among them are hypergeometric.
+    var = k * q * (1 - q) * (n - k) / (n - 1) if n > 1 else 0.0
+    return k * q, math.sqrt(var)
+
+
+def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class):
+    """UserError when a reused noise file cannot be inject_noise's output for this r and noise mode."""
+    labels, clean = np.asarray(labels, dtype=np.int64), np.asarray(clean_labels, dtype=np.int64)
+    changed = labels != clean
+    fix = ("delete it to regenerate, pass the --r and --noise_mode it was made with, or give this run another "
+           "--noise_file")
+    if noise_mode == "asym":
+        table = np.arange(max(num_class, 10, int(clean.max(initial=0)) + 1))
+        table[list(ASYM_TRANSITION)] = list(ASYM_TRANSITION.values())
+        off = np.flatnonzero(changed & (labels != table[clean]))
+        if off.size:
+            i = int(off[0])
+            raise UserError(f"noise file {path} changes label {i} from class {clean[i]} to {labels[i]}, which the "
+                            f"asymmetric map {ASYM_TRANSITION} never does, so it is no asym noise file: {fix}")
+    n = len(clean)
+    mean, sd = expected_changes(clean, r, noise_mode, num_class)
+    tolerance = NOISE_SIGMAS * sd + NOISE_SLACK
+    count = int(changed.sum())
+    if abs(count - mean) <= tolerance:
+        return
+    # The fraction of noisy labels that change: from it the r the file was probably made with.
+    rate = (num_class - 1) / num_class if noise_mode == "sym" else float(np.isin(clean, list(ASYM_TRANSITION)).mean())
+    guess = f" (it looks made with --r {count / (n * rate):.2f})" if rate > 0 and count <= n * rate else ""
+    raise UserError(f"noise file {path} does not fit --r {r} --noise_mode {noise_mode}: {count / n:.4f} of its labels "
+                    f"differ from the clean ones where {mean / n:.4f} +- {tolerance / n:.4f} are expected{guess}: {fix}")
 
 
 def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed):
@@ -159,10 +217,16 @@ def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed):
             size = len(labels) if isinstance(labels, list) else type(labels).__name__
             raise UserError(f"noise file {path} has {size} labels but the training set has {n}: delete it to "
                             "regenerate, or use the --data_path it was made for")
-        bad = [y for y in labels if not isinstance(y, int) or not 0 <= y < num_class]
+        # JSON true/false load as bool, a subclass of int: they are no labels either.
+        odd = [y for y in labels if isinstance(y, bool) or not isinstance(y, int)]
+        if odd:
+            raise UserError(f"noise file {path} holds non-integer values (e.g. {json.dumps(odd[0])}), not class "
+                            "labels: delete it to regenerate, or give a JSON list of integer labels")
+        bad = [y for y in labels if not 0 <= y < num_class]
         if bad:
             raise UserError(f"noise file {path} has labels outside 0..{num_class - 1} (e.g. {bad[0]!r}): it was "
                             "made for another dataset; delete it to regenerate")
+        check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class)
         return labels, False
     labels = inject_noise(clean_labels, r, noise_mode, num_class, seed)
     tmp = path + ".tmp"
@@ -283,7 +347,7 @@ class CIFARData:
 
 def get_args_parser():
     """Arguments of the noise-file command."""
-    parser = argparse.ArgumentParser(description="Write a CIFAR noise file without training.")
+    parser = FlagParser(description="Write a CIFAR noise file without training.")
     parser.add_argument("--dataset", default="cifar10", type=str)
     parser.add_argument("--data_path", default="./cifar-10", type=str)
     parser.add_argument("--r", default=0.5, type=float, help="noise ratio")
@@ -294,17 +358,21 @@ def get_args_parser():
 
 
 def validate_setting(dataset, r, noise_mode):
-    """UserError for an unknown dataset or noise mode, or a noise ratio outside [0, 1]."""
+    """UserError for an unknown dataset or noise mode, a noise ratio outside [0, 1], or CIFAR-100 asym."""
     if dataset not in NUM_CLASSES:
         raise UserError(f"unknown --dataset {dataset!r}: use cifar10 or cifar100")
     if noise_mode not in NOISE_MODES:
         raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
-    if not 0.0 <= r <= 1.0:
-        raise UserError(f"--r {r} is outside [0, 1]: give the noise ratio as a fraction, e.g. --r 0.5")
+    check_value("r", r, NOISE_FLAGS["r"])
+    if dataset == "cifar100" and noise_mode == "asym":
+        # ASYM_TRANSITION is CIFAR-10's class map: on CIFAR-100 it would change about 2% of the labels.
+        raise UserError("CIFAR-100 asymmetric noise is not defined yet (the asym class map is CIFAR-10's): use "
+                        "--noise_mode sym with --dataset cifar100, or --dataset cifar10 for asym")
 
 
 def main(args):
     """Write (or reuse) <data_path>/<r>_<mode>.json and report the fraction of changed labels."""
+    check_flags(args, NOISE_FLAGS)
     validate_setting(args.dataset, args.r, args.noise_mode)
     ensure_data(args.data_path, args.dataset, args.download)
     _, clean, _, _ = read_cifar(args.data_path, args.dataset)

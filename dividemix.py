@@ -74,7 +74,10 @@ class DivideMixConfig:
 def sharpen(p, T):
     """Temperature sharpening p**(1/T), renormalised over classes."""
     pt = p ** (1.0 / T)
-    return pt / pt.sum(dim=1, keepdim=True)
+    total = pt.sum(dim=1, keepdim=True)
+    # A small T (about 0.02 and below) can underflow every power in a row to 0, and 0 / 0 is NaN: such rows are
+    # sharpened in log space, the same distribution; all other rows keep the direct formula's values.
+    return torch.where(total > 0, pt / total, torch.softmax(torch.log(p) / T, dim=1))
 
 
 def linear_rampup(current, warm_up, lambda_u, rampup_length=16):
@@ -234,6 +237,8 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
 
     # MixMatch with l = max(l, 1 - l) so the mixed input stays closer to its first argument.
     lam = np.random.beta(cfg.alpha, cfg.alpha)
+    if np.isnan(lam):  # alpha near the smallest double underflows numpy's draw; Beta(a, a) then tends to 0 or 1
+        lam = 1.0
     lam = max(lam, 1 - lam)
     all_inputs = torch.cat([x, x2, u, u2], dim=0)
     all_targets = torch.cat([targets_x, targets_x, targets_u, targets_u], dim=0)

@@ -101,7 +101,9 @@ import ast
 import json
 import os
 import sys
+from decimal import Decimal
 
+SEED_MAX = 2 ** 32 - 1
 TABLE1 = ["cifar10:sym:0.2", "cifar10:sym:0.5", "cifar10:sym:0.8", "cifar10:sym:0.9", "cifar10:asym:0.4",
           "cifar100:sym:0.2", "cifar100:sym:0.5", "cifar100:sym:0.8", "cifar100:sym:0.9"]
 
@@ -143,7 +145,19 @@ def parse_cell(text):
         fail(f"cell {text!r}: r must be a number in [0, 1]")
     if not 0.0 <= r <= 1.0:
         fail(f"cell {text!r}: r must be in [0, 1]")
+    if dataset == "cifar100" and mode == "asym":
+        fail(f"cell {text!r}: CIFAR-100 asymmetric noise is not defined yet: use sym for cifar100")
     return dataset, mode, r
+
+
+def exact_text(r):
+    """Every digit of r (repr, the shortest text that reads back as r) without an exponent."""
+    return format(Decimal(repr(r)), "f")
+
+
+def ratio_text(r):
+    """r in Train_cifar.py's file prefix (dataloader_cifar.ratio_text): one decimal where exact, else every digit."""
+    return "%.1f" % r if r == round(r, 1) else exact_text(r)
 
 
 def flag_value(args, name):
@@ -209,12 +223,17 @@ def main(argv):
     train_cifar, root = argv[0], argv[1]
     n_seeds = int(argv[2])
     seeds = [int(s) for s in argv[3:3 + n_seeds]]
+    for seed in seeds:
+        if not 0 <= seed <= SEED_MAX:  # Train_cifar.py's range: numpy is seeded from --seed
+            fail(f"--seeds {seed} is outside 0..{SEED_MAX}: give integers in that range")
     rest = argv[3 + n_seeds:]
     n_train = int(rest[0])
     train_args, cell_args = rest[1:1 + n_train], rest[1 + n_train:]
     consts = read_constants(train_cifar, ("PAPER_PRESETS", "ORIGINAL_DEFAULTS"))
     presets, defaults = consts["PAPER_PRESETS"], consts["ORIGINAL_DEFAULTS"]
     num_epochs_flag = flag_value(train_args, "--num_epochs")
+    if num_epochs_flag is not None and not (num_epochs_flag.isdigit() and num_epochs_flag.isascii()):
+        fail(f"--num_epochs {num_epochs_flag} is not allowed: give an integer >= 0 (the last epoch)")
     overridden = {n: flag_value(train_args, "--" + n) for n in ("lambda_u", "p_threshold")}
     cells = []
     for text in cell_args or TABLE1:
@@ -222,15 +241,16 @@ def main(argv):
         if cell not in cells:
             cells.append(cell)
     for dataset, mode, r in cells:
-        preset = presets.get((dataset, mode, round(r, 2)))
+        preset = presets.get((dataset, mode, r))  # as Train_cifar.py: only the paper's own r has its cell
         source = "paper preset" if preset else "original-code default, no paper preset"
         values = dict(preset or defaults)
         for name, value in overridden.items():
             if value is not None:
                 values[name] = value
                 source = "set after --"
-        r_text = f"{r:g}"
-        prefix = "%s_%.1f_%s" % (dataset, r, mode)
+        # The run directory's r (and the --r passed on): short where %g is exact, as before, else every digit.
+        r_text = f"{r:g}" if float(f"{r:g}") == r else exact_text(r)
+        prefix = "%s_%s_%s" % (dataset, ratio_text(r), mode)
         for seed in seeds:
             run_dir = os.path.join(root, f"{dataset}_{mode}_{r_text}_seed{seed}")
             state, note = run_state(run_dir, prefix, num_epochs_flag)

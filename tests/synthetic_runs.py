@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from decimal import Decimal
 
 import numpy as np
 
@@ -56,11 +57,17 @@ def auc(prob, clean):
     return float((ranks[clean].sum() - pos * (pos + 1) / 2) / (pos * (len(prob) - pos)))
 
 
+def cifar_prefix(dataset, r, noise_mode):
+    """Train_cifar.run_prefix without importing torch: one-decimal r as in the original, else every digit of r."""
+    r_text = "%.1f" % r if r == round(r, 1) else format(Decimal(repr(float(r))), "f")
+    return "%s_%s_%s" % (dataset, r_text, noise_mode)
+
+
 def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=123, accs=(), num_epochs=None,
                     lambda_u=25, p_threshold=0.5, warm_up=2, seconds=10.0, snapshots=(), n_samples=1000):
     """Write a Train_cifar.py run dir (epoch e: test accuracy accs[e], npz at `snapshots`); return its prefix."""
     os.makedirs(run_dir, exist_ok=True)
-    prefix = "%s_%.1f_%s" % (dataset, r, noise_mode)
+    prefix = cifar_prefix(dataset, r, noise_mode)
     num_epochs = len(accs) - 1 if num_epochs is None else num_epochs
     write_config(os.path.join(run_dir, prefix + "_config.json"), "Train_cifar.py",
                  {"dataset": dataset, "r": r, "noise_mode": noise_mode, "seed": seed, "num_epochs": num_epochs,

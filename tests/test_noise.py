@@ -1,12 +1,15 @@
 """Noise injection: identical to the original code's output, linear time, noise files validated."""
 import hashlib
 import json
+import math
 import os
 import time
 
 import pytest
 
-from dataloader_cifar import inject_noise, load_or_create_noise, noise_file_path
+from dataloader_cifar import (expected_changes, get_args_parser, inject_noise, load_or_create_noise, noise_file_path,
+                              ratio_text, validate_setting)
+from dataloader_cifar import main as noise_main
 from utils import UserError
 
 VECTORS = json.load(open(os.path.join(os.path.dirname(__file__), "reference_noise_vectors.json")))["vectors"]
@@ -82,3 +85,148 @@ def test_noise_file_out_of_range(tmp_path):
     with pytest.raises(UserError, match="outside 0..9"):
         load_or_create_noise(str(path), [0] * 20, 0.5, "sym", 10, 1)
     assert json.loads(path.read_text())[-1] == 57  # nothing overwritten
+
+
+# ----------------------------------------------------------------------------- names and reuse checks
+
+@pytest.mark.parametrize("r,name", [(0.5, "0.5_sym.json"), (0.3, "0.3_sym.json"), (0.0, "0.0_sym.json"),
+                                    (1.0, "1.0_sym.json"), (0.45, "0.45_sym.json"), (0.54, "0.54_sym.json"),
+                                    (0.35, "0.35_sym.json"), (0.125, "0.125_sym.json"), (1e-5, "0.00001_sym.json")])
+def test_noise_file_names(r, name):
+    """One-decimal r keeps the original's name; any other r has all its digits, so 0.45 and 0.54 are not 0.5."""
+    assert os.path.basename(noise_file_path("d", r, "sym")) == name
+    assert float(ratio_text(r)) == r
+
+
+def test_run_prefix_follows_the_same_rule():
+    from synthetic_runs import cifar_prefix
+    from Train_cifar import run_prefix
+    for r, text in ((0.5, "0.5"), (0.3, "0.3"), (0.35, "0.35"), (0.0, "0.0"), (0.1 + 0.2, "0.30000000000000004")):
+        assert run_prefix("cifar10", r, "sym") == cifar_prefix("cifar10", r, "sym") == f"cifar10_{text}_sym"
+
+
+def test_r_045_gets_its_own_file_next_to_05(tmp_path):
+    clean = [i % 10 for i in range(2000)]
+    half, _ = load_or_create_noise(noise_file_path(str(tmp_path), 0.5, "sym"), clean, 0.5, "sym", 10, 1)
+    path = noise_file_path(str(tmp_path), 0.45, "sym")
+    labels, created = load_or_create_noise(path, clean, 0.45, "sym", 10, 1)
+    assert created and labels != half and sorted(os.listdir(tmp_path)) == ["0.45_sym.json", "0.5_sym.json"]
+
+
+def _clean(dataset, n=50000):
+    """Synthetic clean labels as in the reference vectors: i % C."""
+    return [i % (10 if dataset == "cifar10" else 100) for i in range(n)]
+
+
+GENUINE = [("cifar10", "sym", r) for r in (0.0, 0.2, 0.5, 0.8, 0.9, 1.0)] + \
+          [("cifar10", "asym", r) for r in (0.1, 0.4, 0.5, 1.0)] + \
+          [("cifar100", "sym", r) for r in (0.2, 0.5, 0.8, 0.9)]
+
+
+@pytest.mark.parametrize("dataset,mode,r", GENUINE)
+def test_files_of_the_original_code_are_accepted(tmp_path, dataset, mode, r):
+    """Integer seeds and the original's string seeds (its --seed had no type), as its dataloader wrote them."""
+    clean = _clean(dataset)
+    num_class = 10 if dataset == "cifar10" else 100
+    path = tmp_path / "noise.json"
+    for seed in (123, 1, 7, "123", "1"):
+        path.write_text(json.dumps(inject_noise(clean, r, mode, num_class, seed)))
+        labels, created = load_or_create_noise(str(path), clean, r, mode, num_class, 0)
+        assert not created
+
+
+def test_files_on_tiny_training_sets_are_accepted(tmp_path):
+    path = tmp_path / "noise.json"
+    for n in (3, 20, 64):
+        clean = [i % 10 for i in range(n)]
+        for mode in ("sym", "asym"):
+            for r in (0.1, 0.5, 0.9, 1.0):
+                for seed in range(40):
+                    path.write_text(json.dumps(inject_noise(clean, r, mode, 10, seed)))
+                    load_or_create_noise(str(path), clean, r, mode, 10, 0)
+
+
+def test_a_file_of_another_r_is_refused(tmp_path):
+    """The original named r = 0.45 and r = 0.5 both 0.5_sym.json: such a file no longer passes for 0.5."""
+    clean = _clean("cifar10")
+    path = tmp_path / "0.5_sym.json"
+    path.write_text(json.dumps(inject_noise(clean, 0.45, "sym", 10, 123)))
+    before = path.read_text()
+    with pytest.raises(UserError) as info:
+        load_or_create_noise(str(path), clean, 0.5, "sym", 10, 123)
+    message = str(info.value)
+    assert f"noise file {path} does not fit --r 0.5 --noise_mode sym" in message
+    assert "0.4057 of its labels differ from the clean ones where 0.4500 +- 0.0057 are expected" in message
+    assert "(it looks made with --r 0.45)" in message
+    assert "delete it to regenerate" in message and "--noise_file" in message
+    assert path.read_text() == before
+    for r in (0.49, 0.51):  # a hundredth of r apart is already told apart on 50,000 labels
+        with pytest.raises(UserError, match="does not fit"):
+            load_or_create_noise(str(path), clean, r, "sym", 10, 123)
+
+
+def test_cifar100_rates_are_told_apart(tmp_path):
+    clean = _clean("cifar100")
+    path = tmp_path / "0.5_sym.json"
+    path.write_text(json.dumps(inject_noise(clean, 0.5, "sym", 100, 1)))
+    load_or_create_noise(str(path), clean, 0.5, "sym", 100, 1)
+    for r in (0.495, 0.505):
+        with pytest.raises(UserError, match="does not fit --r"):
+            load_or_create_noise(str(path), clean, r, "sym", 100, 1)
+
+
+def test_asym_file_checks_the_class_map_and_the_mode(tmp_path):
+    clean = _clean("cifar10")
+    asym = inject_noise(clean, 0.4, "asym", 10, 123)
+    path = tmp_path / "0.4_asym.json"
+    path.write_text(json.dumps(asym))
+    load_or_create_noise(str(path), clean, 0.4, "asym", 10, 123)
+    with pytest.raises(UserError, match=r"does not fit --r 0.4 --noise_mode sym: 0.1997 of its labels"):
+        load_or_create_noise(str(path), clean, 0.4, "sym", 10, 123)  # an asym file reused as sym
+    with pytest.raises(UserError, match="does not fit --r 0.5 --noise_mode asym"):
+        load_or_create_noise(str(path), clean, 0.5, "asym", 10, 123)
+    off_map = list(asym)
+    off_map[0] = 5  # clean class 0 never changes under the asymmetric map
+    path.write_text(json.dumps(off_map))
+    with pytest.raises(UserError, match="changes label 0 from class 0 to 5, which the asymmetric map"):
+        load_or_create_noise(str(path), clean, 0.4, "asym", 10, 123)
+    path.write_text(json.dumps(inject_noise(clean, 0.4, "sym", 10, 123)))
+    with pytest.raises(UserError, match="so it is no asym noise file"):
+        load_or_create_noise(str(path), clean, 0.4, "asym", 10, 123)
+
+
+def test_expected_changes():
+    mean, sd = expected_changes(_clean("cifar10"), 0.5, "sym", 10)
+    assert mean == 22500 and sd == pytest.approx(math.sqrt(25000 * 0.9 * 0.1))
+    mean, sd = expected_changes(_clean("cifar10"), 0.4, "asym", 10)  # half the classes are mapped
+    assert mean == 10000 and sd == pytest.approx(math.sqrt(20000 * 0.25 * 30000 / 49999))
+    for key, ref in VECTORS.items():  # the original's counts lie well inside the tolerance
+        num_class, mode, r, _ = _parse(key)
+        mean, sd = expected_changes(_clean("cifar10" if num_class == 10 else "cifar100"), r, mode, num_class)
+        assert abs(ref["n_changed"] - mean) < 2 * sd
+
+
+@pytest.mark.parametrize("content,shown", [([0.0, 1.0] * 10, "0.0"), ([True] * 20, "true"), (["3"] * 20, '"3"'),
+                                           ([1] * 19 + [None], "null")])
+def test_noise_file_of_non_integers(tmp_path, content, shown):
+    path = tmp_path / "0.5_sym.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UserError, match=rf"holds non-integer values \(e.g. {shown}\)"):
+        load_or_create_noise(str(path), [i % 10 for i in range(20)], 0.5, "sym", 10, 1)
+
+
+def test_cifar100_asym_is_refused():
+    with pytest.raises(UserError, match="CIFAR-100 asymmetric noise is not defined yet"):
+        validate_setting("cifar100", 0.4, "asym")
+    validate_setting("cifar10", 0.4, "asym")
+
+
+def test_noise_command_writes_exact_names(tmp_path, capsys):
+    from fake_cifar import write_fake_cifar
+    write_fake_cifar(str(tmp_path), "cifar10", n_train=50, n_test=10)
+    args = get_args_parser().parse_args(["--data_path", str(tmp_path), "--r", "0.45"])
+    noise_main(args)
+    assert "0.45_sym.json (written)" in capsys.readouterr().out
+    noise_main(args)
+    assert "0.45_sym.json (exists, kept)" in capsys.readouterr().out
+    assert not (tmp_path / "0.5_sym.json").exists()

@@ -107,6 +107,18 @@ def test_report_is_deterministic_and_order_free(cifar_runs, tmp_path):
     assert ((tmp_path / "out" / "report.md").read_bytes(), (tmp_path / "out" / "report.csv").read_bytes()) == first
 
 
+def test_runs_named_with_every_digit_of_r(tmp_path):
+    """r off one decimal (prefix cifar10_0.35_sym) and one-decimal r (cifar10_0.3_sym) in one folder: two rows."""
+    root = tmp_path / "runs"
+    assert write_cifar_run(str(root / "a"), r=0.35, seed=1, accs=[10, 20, 30], n_samples=50) == "cifar10_0.35_sym"
+    assert write_cifar_run(str(root / "a"), r=0.3, seed=1, accs=[40, 50, 60], n_samples=50) == "cifar10_0.3_sym"
+    report.main(args_for([root], tmp_path))
+    rows = read_csv(tmp_path / "out" / "report.csv")
+    assert [(r["r"], float(r["best_mean"]), r["status"]) for r in rows] == [("0.3", 60.0, "finished"),
+                                                                            ("0.35", 30.0, "finished")]
+    assert "| cifar10 | sym 35% |" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
 def test_cut_last_log_line_and_foreign_config(tmp_path):
     """A half-written last line is ignored; a config of another program is skipped, not fatal."""
     run_dir = tmp_path / "runs" / "a"

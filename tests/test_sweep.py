@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from synthetic_runs import cifar_prefix
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "scripts", "sweep_cifar.sh")
 
@@ -131,7 +133,7 @@ def test_overridden_preset_is_shown(tmp_path, env):
 def write_run(run_dir, dataset, r, mode, num_epochs, last_epoch, checkpoint, cut_line=False):
     """Fake Train_cifar.py outputs: config, a log up to last_epoch, optionally a checkpoint."""
     run_dir.mkdir(parents=True)
-    prefix = "%s_%.1f_%s" % (dataset, r, mode)
+    prefix = cifar_prefix(dataset, r, mode)
     (run_dir / f"{prefix}_config.json").write_text(json.dumps({"args": {"num_epochs": num_epochs},
                                                                "script": "Train_cifar.py"}))
     lines = [json.dumps({"epoch": e, "phase": "train", "test_acc": 50.0}) for e in range(last_epoch + 1)]
@@ -164,6 +166,20 @@ def test_finished_skipped_interrupted_resumed(tmp_path, env):
     assert opts["--resume"] is True and "epoch 300/400" in comment
 
 
+def test_r_off_one_decimal_keeps_every_digit(tmp_path, env):
+    """Train_cifar.py names --r 0.45 cifar10_0.45_sym: the sweep finds that run; --r is passed on exactly."""
+    root = tmp_path / "runs"
+    write_run(root / "cifar10_sym_0.45_seed1", "cifar10", 0.45, "sym", 300, 12, checkpoint=True)
+    write_run(root / "cifar10_sym_0.5_seed1", "cifar10", 0.5, "sym", 300, 300, checkpoint=True)
+    proc = sweep(["--dry-run", "--out", root, "--seeds", "1", "cifar10:sym:0.45", "cifar10:sym:0.5",
+                  "cifar10:sym:0.1234567"], env)
+    cmds = commands(proc.stdout)
+    assert [(o["--r"], "--resume" in o) for _, o, _ in cmds] == [("0.45", True), ("0.1234567", False)]
+    assert cmds[1][1]["--output_dir"] == str(root / "cifar10_sym_0.1234567_seed1")
+    assert "original-code default, no paper preset" in cmds[0][2] and "resume (epoch 12/300)" in cmds[0][2]
+    assert "skip" in proc.stdout and "cifar10_sym_0.5_seed1: finished" in proc.stdout
+
+
 def test_gpus_round_robin(tmp_path, env):
     """--gpus 0 1: runs alternate between the GPUs, each with CUDA_VISIBLE_DEVICES and --gpuid 0."""
     proc = sweep(["--dry-run", "--out", tmp_path, "--gpus", "0", "1", "--seeds", "1", "2", "3", "cifar10:sym:0.5"],
@@ -189,7 +205,8 @@ def test_gpus_found_by_nvidia_smi_or_env(tmp_path, env):
 def test_usage_errors(tmp_path, env):
     """Bad cells, flags the sweep owns, unknown options: exit 2 with one error line."""
     for args in (["cifar10:sym"], ["cifar10:foo:0.5"], ["svhn:sym:0.5"], ["cifar10:sym:1.5"], ["--bogus"],
-                 ["--seeds"], ["--", "--seed", "3"], ["--", "--output_dir=x"]):
+                 ["--seeds"], ["--", "--seed", "3"], ["--", "--output_dir=x"], ["cifar100:asym:0.4"],
+                 ["--seeds", "-1"], ["--seeds", "4294967296"], ["--", "--num_epochs", "-1"]):
         proc = sweep(["--dry-run", "--out", tmp_path] + args, env, check=False)
         assert proc.returncode == 2, args
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (args, proc.stderr)
