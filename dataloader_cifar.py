@@ -101,7 +101,7 @@ def _read_batch(path, label_key, num_class):
         if outside.size:
             raise UserError(f"{path} has pixel values outside 0..255 (e.g. {outside[0]}): {fix} uint8 pixels 0..255")
         raw = raw.astype(np.uint8)
-    if labels.dtype.kind not in "iu":
+    if labels.dtype.kind not in "iu" and labels.size:  # an empty list reads as float64: no label is wrong
         raise UserError(f"{path} has labels that are not integers (dtype {labels.dtype}): {fix} integer labels")
     outside = labels[(labels < 0) | (labels >= num_class)]
     if outside.size:

