@@ -495,7 +495,8 @@ class RunDir:
         self.writer = None
         self.kept_epoch = None  # epoch of the newest checkpoint known to be complete on disk
         self.rotate = False  # whether the current checkpoint may become the previous one on the next save
-        self.fork = None  # (folder, described logs) when continuing another folder's checkpoint here
+        self.fork = None  # (folder, checkpoint file) when continuing another folder's checkpoint here
+        self.own_checkpoint = False  # whether this process wrote (or copied) the folder's current checkpoint
         self.write_error = None
 
     def path(self, suffix):
@@ -579,14 +580,25 @@ class RunDir:
 
     def kept(self):
         """What a stopped run leaves to continue from, in words."""
-        if self.kept_epoch is None:
-            return "no epoch was checkpointed yet, so the run will start again from epoch 0"
-        return f"the checkpoint of epoch {self.kept_epoch} and the logs up to it are in {self.folder}"
+        if self.kept_epoch is not None:
+            return f"the checkpoint of epoch {self.kept_epoch} and the logs up to it are in {self.folder}"
+        if self.fork is not None:
+            return f"nothing was copied into {self.folder} yet"
+        return "no epoch was checkpointed yet, so the run will start again from epoch 0"
 
     def resume_command(self):
-        """The command line that continues this run."""
-        argv = list(sys.argv)
-        if "--resume" not in argv and not any(a.startswith("--resume=") for a in argv):
+        """The command line that continues this run: the one given with --resume, which names no file once this
+        folder holds a checkpoint of its own written (or copied) by this process."""
+        argv, rest = [], list(sys.argv)
+        while rest:
+            arg = rest.pop(0)
+            if arg == "--resume" and rest and not rest[0].startswith("-"):
+                path = rest.pop(0)
+                if not self.own_checkpoint:
+                    argv += [arg, path]
+            elif arg != "--resume" and not arg.startswith("--resume=") or not self.own_checkpoint:
+                argv.append(arg)
+        if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
             argv.append("--resume")
         return "python " + shlex.join(argv)
 
@@ -623,6 +635,7 @@ class RunDir:
             self._check_logs(described, self.folder, checkpoint["epoch"], "")
             self._refuse_going_back(path, checkpoint["epoch"])
             self.rotate = os.path.abspath(path) == os.path.abspath(self.ckpt_path)
+            self.kept_epoch = checkpoint["epoch"]
         else:
             self._check_fork(path, checkpoint, described)
         return checkpoint
@@ -694,7 +707,7 @@ class RunDir:
                             "checkpoint of another folder in a new --output_dir (nothing was changed)")
         source = os.path.dirname(os.path.abspath(path))
         self._check_logs(described, source, checkpoint["epoch"], " (its logs up to the checkpoint are copied here)")
-        self.fork = (source, described)
+        self.fork = (source, path)
 
     def check_labels(self, checkpoint, digest, source):
         """UserError when the training labels differ from those the checkpoint was trained on."""
@@ -718,7 +731,9 @@ class RunDir:
             opt.load_state_dict(opt_state)
         described = self._described_logs(checkpoint)
         if self.fork is not None:
-            source, _ = self.fork
+            # the new folder becomes a whole run at the checkpoint's epoch: its logs, its config and other files,
+            # and the checkpoint itself (a hard link: checkpoints are only ever replaced, never changed in place)
+            source, source_checkpoint = self.fork
             for key, d in described.items():
                 src = os.path.join(source, d["name"])
                 atomic_write(self.logs.paths[key], lambda f, src=src, n=d["size"]: f.write(open(src, "rb").read(n)))
@@ -726,8 +741,11 @@ class RunDir:
                 src = os.path.join(source, checkpoint.get("prefix", self.prefix) + suffix)
                 if os.path.exists(src):
                     _link_or_copy(src, self.path(suffix))
-            print(f"continuing the run of {source} from its epoch {checkpoint['epoch']} here; its logs up to that "
-                  "epoch and its " + ", ".join(s.lstrip("_") for s in self.carried) + " were copied", flush=True)
+            _link_or_copy(source_checkpoint, self.ckpt_path)
+            self.rotate = self.own_checkpoint = True
+            print(f"continuing the run of {source} from its epoch {checkpoint['epoch']} here; its checkpoint, its logs "
+                  "up to that epoch and its " + ", ".join(s.lstrip("_") for s in self.carried) + " were copied",
+                  flush=True)
         self.logs.resume(described)
         set_rng_state(checkpoint["rng"])
         self.kept_epoch = checkpoint["epoch"]
@@ -741,7 +759,7 @@ class RunDir:
 
         def done(epoch=state["epoch"]):
             """The write landed: it is what a stop keeps, and it may become the previous checkpoint."""
-            self.kept_epoch, self.rotate = epoch, True
+            self.kept_epoch, self.rotate, self.own_checkpoint = epoch, True, True
 
         self.writer.save(state, self.ckpt_path, self.prev_path if self.rotate else None, done)
 

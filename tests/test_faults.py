@@ -159,7 +159,7 @@ def test_foreign_checkpoint_continues_in_a_new_folder_with_its_logs(straight, da
     before = snapshot(source)
     out = tmp_path / "fork"
     proc = train(data, out, 2, "--resume", source / PREV)  # the epoch-1 checkpoint, continued elsewhere
-    assert "its logs up to that epoch and its config.json were copied" in proc.stdout
+    assert "its checkpoint, its logs up to that epoch and its config.json were copied" in proc.stdout
     assert (out / (PREFIX + "_config.json")).read_bytes() == (source / (PREFIX + "_config.json")).read_bytes()
     assert_same_run(out, straight)
     assert snapshot(source) == before
