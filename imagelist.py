@@ -11,7 +11,9 @@ for the whole run; one more than --max_bad_images stops the run with one line.
 import json
 import os
 import stat
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import AuthenticationError
 
 import numpy as np
 import torch
@@ -228,8 +230,26 @@ class ImageLoader:
 def make_loader(dataset, batch_size, shuffle, num_workers, device, bad_images, persistent=False, drop_bad=False):
     """ImageLoader with worker processes and pinned memory on CUDA; `persistent` for loaders reused every epoch."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0)
+                        pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
+                        worker_init_fn=quiet_worker_threads)
     return ImageLoader(loader, bad_images, drop_bad)
+
+
+def quiet_worker_threads(worker_id):
+    """In a loader worker: no traceback when the main process stops while it fetches a batch.
+
+    A worker hands each batch's shared memory to the main process over a connection served by a thread of its own;
+    when a signal stops the main process in the middle of that hand-over, the thread's connection breaks, which
+    is no error of the run (the main process reports the stop in one line).
+    """
+    default = threading.excepthook
+
+    def hook(args):
+        """Pass every thread exception on but a broken connection to the main process."""
+        if not issubclass(args.exc_type, (ConnectionError, EOFError, AuthenticationError)):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def default_num_workers():

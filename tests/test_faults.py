@@ -393,3 +393,14 @@ def test_sigterm_with_loader_workers_is_one_line_and_resume_continues(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "config.json, net1.pth.tar, net2.pth.tar were copied" in proc.stdout
     assert (fork / "clothing1m.txt").read_text() == (out / "clothing1m.txt").read_text()
+
+
+def test_loader_workers_keep_quiet_about_a_connection_the_stopped_main_process_broke():
+    code = ("import threading\n"
+            "from imagelist import quiet_worker_threads\n"
+            "quiet_worker_threads(0)\n"
+            "def fail(exc):\n    raise exc\n"
+            "for exc in (ConnectionResetError('peer gone'), EOFError(), ValueError('a real error')):\n"
+            "    thread = threading.Thread(target=fail, args=(exc,))\n    thread.start()\n    thread.join()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stderr.count("Traceback") == 1 and "ValueError: a real error" in proc.stderr
