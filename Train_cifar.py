@@ -58,7 +58,8 @@ def get_args_parser():
     p.add_argument("--p_threshold", default=None, type=float, help="clean probability threshold (default: preset)")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=300, type=int, help="last epoch (epochs 0..num_epochs are run)")
-    p.add_argument("--r", default=0.5, type=float, help="noise ratio")
+    # torchrun's own parser takes --r for an abbreviation of its options: under torchrun write --noise_ratio
+    p.add_argument("--r", "--noise_ratio", default=0.5, type=float, dest="r", help="noise ratio")
     p.add_argument("--id", default="")
     p.add_argument("--seed", default=123, type=int)
     p.add_argument("--gpuid", default=0, type=int)

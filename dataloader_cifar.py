@@ -350,7 +350,7 @@ def get_args_parser():
     parser = FlagParser(description="Write a CIFAR noise file without training.")
     parser.add_argument("--dataset", default="cifar10", type=str)
     parser.add_argument("--data_path", default="./cifar-10", type=str)
-    parser.add_argument("--r", default=0.5, type=float, help="noise ratio")
+    parser.add_argument("--r", "--noise_ratio", default=0.5, type=float, dest="r", help="noise ratio")
     parser.add_argument("--noise_mode", default="sym", type=str)
     parser.add_argument("--seed", default=123, type=int)
     parser.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if absent")

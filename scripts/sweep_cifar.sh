@@ -76,7 +76,7 @@ done
 # The sweep owns these flags: a pass-through copy would silently contradict the run directory's name.
 for a in "${train_args[@]+"${train_args[@]}"}"; do
     case ${a%%=*} in
-        --dataset|--r|--noise_mode|--seed|--data_path|--output_dir|--noise_file|--gpuid|--resume)
+        --dataset|--r|--noise_ratio|--noise_mode|--seed|--data_path|--output_dir|--noise_file|--gpuid|--resume)
             usage_error "${a%%=*} is set by the sweep per run; leave it out of the arguments after --" ;;
     esac
 done

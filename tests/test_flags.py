@@ -3,6 +3,7 @@
 Most values are checked in-process through each script's validation (fast); a handful run the scripts as
 subprocesses for the end-to-end guarantee: exit code 2, one `error: ...` line, no traceback, nothing written.
 """
+import importlib
 import json
 import math
 import os
@@ -312,3 +313,20 @@ def test_numpy_seed_range_is_the_check():
         np.random.seed(seed)
     with pytest.raises(ValueError):
         np.random.seed(SEED.high + 1)
+
+
+def test_no_flag_is_an_abbreviation_of_a_torchrun_option():
+    """torchrun's parser reads every --word of the command line as a possible abbreviation of its own options, so a
+    script flag that begins one of them stops `torchrun ... Train_*.py` before the script starts. --r is the
+    original's name and stays; --noise_ratio is its spelling under torchrun."""
+    from torch.distributed.run import get_args_parser as torchrun_parser
+    theirs = [o for action in torchrun_parser()._actions for o in action.option_strings if o.startswith("--")]
+    for script in ("Train_cifar.py", "Train_clothing1M.py", "Train_webvision.py", "dataloader_cifar.py"):
+        module = importlib.import_module(script[:-3])
+        ours = [o for action in module.get_args_parser()._actions for o in action.option_strings
+                if o.startswith("--") and o not in ("--r", "--help")]
+        clashes = [(o, t) for o in ours for t in theirs if t.startswith(o)]
+        assert not clashes, (script, clashes)
+    assert [t for t in theirs if t.startswith("--r")]  # why --r itself is left out above
+    args = importlib.import_module("Train_cifar").get_args_parser().parse_args(["--noise_ratio", "0.8"])
+    assert args.r == 0.8
