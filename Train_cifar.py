@@ -21,7 +21,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
 from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, check_flags, json_safe,
-                   labels_digest, run_config, run_main, run_state, seed_everything, select_device, timed)
+                   run_config, run_main, run_state, seed_everything, select_device, timed)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -198,7 +198,7 @@ def main(args):
     sources = resolve_settings(args)
     prefix = run_prefix(args.dataset, args.r, args.noise_mode)
     log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
-    with RunDir(args.output_dir, prefix, log_names, "Train_cifar.py") as run:
+    with RunDir(args.output_dir, prefix, log_names) as run:
         train(args, run, sources)
     return 0
 
@@ -221,8 +221,7 @@ def train(args, run, sources):
     noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
     noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
                                                            args.num_class, args.seed)
-    defining["labels_sha256"] = labels_digest(noisy)  # the noisy labels define the run as much as its flags
-    run.check_labels(resume, defining["labels_sha256"], f"noise file {noise_path}")
+    run.check_labels(resume, defining, noisy, f"noise file {noise_path}")  # the labels define a run like its flags
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device)
     print(f"data: {len(data)} training images, {len(test_y)} test images on {device}; noise file {noise_path} "
           f"({'written' if created else 'reused'}), {1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)

@@ -23,8 +23,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_save,
-                   check_flags, json_safe, labels_digest, run_config, run_main, run_state,
-                   seed_everything, select_device)
+                   check_flags, json_safe, run_config, run_main, run_state, seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
@@ -100,7 +99,7 @@ def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     check_flags(args, FLAG_RANGES)
     with RunDir(args.output_dir, args.id, {"acc": args.id + ".txt", "json": args.id + "_log.jsonl"},
-                "Train_clothing1M.py", carried=("_net1.pth.tar", "_net2.pth.tar")) as run:
+                carried=("_net1.pth.tar", "_net2.pth.tar")) as run:
         train(args, run)
     return 0
 
@@ -119,8 +118,7 @@ def train(args, run):
     # ---- data and models -----------------------------------------------------------------------------------
     data = Clothing1M(args.data_path, args.num_class, args.batch_size, args.num_batches, args.image_size,
                       args.num_workers, device, args.max_bad_images)
-    defining["labels_sha256"] = labels_digest(data.train_labels)
-    run.check_labels(resume, defining["labels_sha256"], f"{args.data_path}/noisy_label_kv.txt")
+    run.check_labels(resume, defining, data.train_labels, f"{args.data_path}/noisy_label_kv.txt")
     print(f"data: {len(data.train_paths)} noisy training images, {len(data.val_paths)} val, {len(data.test_paths)} "
           f"test; {args.num_batches * args.batch_size} drawn for each loss evaluation", flush=True)
     nets = [create_model(args.pretrained, args.num_class, device, precision) for _ in range(2)]
@@ -176,8 +174,9 @@ def train(args, run):
 
         seconds = time.perf_counter() - t_epoch
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
-                                           "val_acc2": accs[1], "net1": records[0], "net2": records[1],
-                                           **data.bad_images.epoch_record(), "seconds": seconds, "time": timing}))
+                                               "val_acc2": accs[1], "net1": records[0], "net2": records[1],
+                                               **data.bad_images.epoch_record(), "seconds": seconds,
+                                               "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
               f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws  bad images {data.bad_images.count}",
               flush=True)

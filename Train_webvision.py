@@ -18,8 +18,8 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, json_safe, labels_digest,
-                   run_config, run_main, run_state, seed_everything, select_device)
+from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, json_safe, run_config,
+                   run_main, run_state, seed_everything, select_device)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
@@ -72,7 +72,7 @@ def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     check_flags(args, FLAG_RANGES)
     log_names = {"acc": args.id + "_acc.txt", "stats": args.id + "_stats.txt", "json": args.id + "_log.jsonl"}
-    with RunDir(args.output_dir, args.id, log_names, "Train_webvision.py") as run:
+    with RunDir(args.output_dir, args.id, log_names) as run:
         train(args, run)
     return 0
 
@@ -90,8 +90,7 @@ def train(args, run):
     # ---- data and models -----------------------------------------------------------------------------------
     data = WebVision(args.data_path, args.num_class, args.batch_size, args.image_size, args.train_crop,
                      args.num_workers, device, args.max_bad_images)
-    defining["labels_sha256"] = labels_digest(data.train_labels)
-    run.check_labels(resume, defining["labels_sha256"], f"{args.data_path}/info/train_filelist_google.txt")
+    run.check_labels(resume, defining, data.train_labels, f"{args.data_path}/info/train_filelist_google.txt")
     print(f"data: {len(data.train_paths)} training images, {len(data.val_paths)} WebVision val, "
           f"{len(data.imagenet_paths)} ImageNet val", flush=True)
     nets = [create_model(args.num_class, device, precision) for _ in range(2)]
@@ -129,7 +128,7 @@ def train(args, run):
         img1, img5 = evaluate(nets, data.imagenet_loader, device, ks=(1, 5), precision=precision)
         timing["test"] = time.perf_counter() - t0
         run.logs.write("acc", "Epoch:%d \t WebVision Acc: %.2f%% (%.2f%%) \t ImageNet Acc: %.2f%% (%.2f%%)\n"
-                   % (epoch, web1, web5, img1, img5))
+                       % (epoch, web1, web5, img1, img5))
 
         # loss evaluation over the whole training list: the division for the next epoch
         for k, net in enumerate(nets):
@@ -141,9 +140,10 @@ def train(args, run):
 
         seconds = time.perf_counter() - t_epoch
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
-                                           "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
-                                           "net1": records[0], "net2": records[1], **data.bad_images.epoch_record(),
-                                           "seconds": seconds, "time": timing}))
+                                               "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
+                                               "net1": records[0], "net2": records[1],
+                                               **data.bad_images.epoch_record(), "seconds": seconds,
+                                               "time": timing}))
         print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
               f"lr {lr:g}  {seconds:.1f}s  bad images {data.bad_images.count}", flush=True)
         run.save(run_state(epoch, defining, args, nets, optimizers, probs=probs,

@@ -163,18 +163,24 @@ def noise_file_path(data_path, r, noise_mode):
     return os.path.join(data_path, "%s_%s.json" % (ratio_text(r), noise_mode))
 
 
+def change_rate(clean_labels, noise_mode, num_class):
+    """The fraction of the labels inject_noise picks as noisy that end up changed."""
+    if noise_mode == "sym":
+        return (num_class - 1) / num_class  # a redrawn label keeps its class 1/C of the time
+    clean = np.asarray(clean_labels)
+    return float(np.isin(clean, list(ASYM_TRANSITION)).mean()) if len(clean) else 0.0
+
+
 def expected_changes(clean_labels, r, noise_mode, num_class):
     """Mean and standard deviation of the number of labels inject_noise changes in clean_labels."""
-    clean = np.asarray(clean_labels)
-    n = len(clean)
+    n = len(clean_labels)
     k = int(r * n)
-    if noise_mode == "sym":
-        p = (num_class - 1) / num_class  # a redrawn label keeps its class 1/C of the time
+    p = change_rate(clean_labels, noise_mode, num_class)
+    if noise_mode == "sym":  # each of the k redrawn labels changes independently
         return k * p, math.sqrt(k * p * (1 - p))
-    q = float(np.isin(clean, list(ASYM_TRANSITION)).mean()) if n else 0.0
     # The k noisy indices are drawn without replacement: the mapped ones among them are hypergeometric.
-    var = k * q * (1 - q) * (n - k) / (n - 1) if n > 1 else 0.0
-    return k * q, math.sqrt(var)
+    var = k * p * (1 - p) * (n - k) / (n - 1) if n > 1 else 0.0
+    return k * p, math.sqrt(var)
 
 
 def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class):
@@ -198,7 +204,7 @@ def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class):
     if abs(count - mean) <= tolerance:
         return
     # The fraction of noisy labels that change: from it the r the file was probably made with.
-    rate = (num_class - 1) / num_class if noise_mode == "sym" else float(np.isin(clean, list(ASYM_TRANSITION)).mean())
+    rate = change_rate(clean, noise_mode, num_class)
     guess = f" (it looks made with --r {count / (n * rate):.2f})" if rate > 0 and count <= n * rate else ""
     raise UserError(f"noise file {path} does not fit --r {r} --noise_mode {noise_mode}: {count / n:.4f} of its labels "
                     f"differ from the clean ones where {mean / n:.4f} +- {tolerance / n:.4f} are expected{guess}: {fix}")

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torchvision.transforms as T
 
-from imagelist import (BadImages, ImageListDataset, check_images, check_list_files, class_balanced_draw, make_loader,
-                       numbered_lines, read_labeled_list)
+from imagelist import (ListLoaders, check_images, check_list_files, class_balanced_draw, numbered_lines,
+                       read_labeled_list)
 from utils import UserError
 
 MEAN, STD = (0.6959, 0.6537, 0.6371), (0.3113, 0.3192, 0.3214)
@@ -44,10 +44,10 @@ class Clothing1M:
 
     def __init__(self, root, num_class, batch_size, num_batches, image_size, num_workers, device, max_bad_images=100):
         """Read and check the list files and every referenced image file (not decoded: see imagelist)."""
-        self.bad_images = BadImages(max_bad_images)
+        self.loader = ListLoaders(num_workers, device, max_bad_images)
+        self.bad_images = self.loader.bad_images
         check_list_files(root, LIST_FILES, "Clothing1M")
         self.root, self.num_class, self.batch_size, self.num_batches = root, num_class, batch_size, num_batches
-        self.num_workers, self.device = num_workers, device
         self.train_tf, self.test_tf = transforms(image_size)
         noisy = _read_kv(os.path.join(root, "noisy_label_kv.txt"), num_class)
         clean = _read_kv(os.path.join(root, "clean_label_kv.txt"), num_class)
@@ -57,7 +57,7 @@ class Clothing1M:
         for paths, name in ((self.train_paths, "noisy_train_key_list.txt"),
                             (self.val_paths, "clean_val_key_list.txt"), (self.test_paths, "clean_test_key_list.txt")):
             check_images(paths, os.path.join(root, name))
-        self.val_loader = self._loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, batch_size * 2,
+        self.val_loader = self.loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, batch_size * 2,
                                        False, persistent=True, drop_bad=True)
 
     def _split(self, list_name, table):
@@ -75,15 +75,10 @@ class Clothing1M:
         """Indices into the training list of a fresh class-balanced draw."""
         return class_balanced_draw(self.train_labels, num_samples, self.num_class, rng)
 
-    def _loader(self, paths, labels, transform, mode, prob, batch_size, shuffle, persistent=False, drop_bad=False):
-        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages."""
-        dataset = ImageListDataset(paths, labels, transform, mode, prob, self.bad_images.max_tries)
-        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.device, self.bad_images, persistent,
-                           drop_bad)
 
     def _subset(self, idx, mode, transform, batch_size, shuffle, prob=None):
         """Loader over the training images at idx."""
-        return self._loader([self.train_paths[i] for i in idx], self.train_labels[idx], transform, mode, prob,
+        return self.loader([self.train_paths[i] for i in idx], self.train_labels[idx], transform, mode, prob,
                             batch_size, shuffle)
 
     def warmup_loader(self, rng):
@@ -109,5 +104,5 @@ class Clothing1M:
 
     def test_loader(self):
         """The clean test set, unaugmented."""
-        return self._loader(self.test_paths, self.test_labels, self.test_tf, "plain", None, self.batch_size * 2, False,
+        return self.loader(self.test_paths, self.test_labels, self.test_tf, "plain", None, self.batch_size * 2, False,
                             drop_bad=True)

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import torchvision.transforms as T
 
-from imagelist import (IMAGE_EXTENSIONS, BadImages, ImageListDataset, check_images, check_list_files,
-                       list_image_folder, make_loader, read_labeled_list)
+from imagelist import (IMAGE_EXTENSIONS, ListLoaders, check_images, check_list_files, list_image_folder,
+                       read_labeled_list)
 from utils import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -61,9 +61,10 @@ class WebVision:
 
     def __init__(self, root, num_class, batch_size, image_size, train_crop, num_workers, device, max_bad_images=100):
         """Read and check the list files, the ImageNet val folders and every referenced image file (not decoded)."""
-        self.bad_images = BadImages(max_bad_images)
+        self.loader = ListLoaders(num_workers, device, max_bad_images)
+        self.bad_images = self.loader.bad_images
         check_list_files(root, LIST_FILES, "WebVision")
-        self.batch_size, self.num_workers, self.device = batch_size, num_workers, device
+        self.batch_size = batch_size
         self.train_tf, self.test_tf = transforms(image_size, train_crop)
         self.train_paths, self.train_labels = _read_list(os.path.join(root, LIST_FILES[0]), root, num_class)
         self.val_paths, self.val_labels = _read_list(os.path.join(root, LIST_FILES[1]),
@@ -79,28 +80,23 @@ class WebVision:
             raise UserError(f"WebVision: no images in {imagenet}/0..{num_class - 1}: see README, data preparation")
         check_images(self.imagenet_paths, imagenet)
         eval_bs = batch_size * 2
-        self.val_loader = self._loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, eval_bs, False,
+        self.val_loader = self.loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, eval_bs, False,
                                        persistent=True, drop_bad=True)
-        self.imagenet_loader = self._loader(self.imagenet_paths, self.imagenet_labels, self.test_tf, "plain", None,
+        self.imagenet_loader = self.loader(self.imagenet_paths, self.imagenet_labels, self.test_tf, "plain", None,
                                             eval_bs, False, persistent=True, drop_bad=True)
-        self.eval_loader = self._loader(self.train_paths, self.train_labels, self.test_tf, "plain", None, eval_bs,
+        self.eval_loader = self.loader(self.train_paths, self.train_labels, self.test_tf, "plain", None, eval_bs,
                                         False, persistent=True)
 
-    def _loader(self, paths, labels, transform, mode, prob, batch_size, shuffle, persistent=False, drop_bad=False):
-        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages."""
-        dataset = ImageListDataset(paths, labels, transform, mode, prob, self.bad_images.max_tries)
-        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.device, self.bad_images, persistent,
-                           drop_bad)
 
     def warmup_loader(self):
         """All training images, shuffled and augmented, batch 2 x batch_size."""
-        return self._loader(self.train_paths, self.train_labels, self.train_tf, "plain", None, self.batch_size * 2,
+        return self.loader(self.train_paths, self.train_labels, self.train_tf, "plain", None, self.batch_size * 2,
                             True)
 
     def labeled_loader(self, pred, prob):
         """Training images with pred True: two views, noisy label and clean probability."""
         sel = np.flatnonzero(pred)
-        return self._loader([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf, "labeled",
+        return self.loader([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf, "labeled",
                             prob[sel], self.batch_size, True)
 
     def unlabeled_loader(self, pred):
@@ -108,5 +104,5 @@ class WebVision:
         sel = np.flatnonzero(~pred)
         if not len(sel):
             return None
-        return self._loader([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf, "unlabeled",
+        return self.loader([self.train_paths[i] for i in sel], self.train_labels[sel], self.train_tf, "unlabeled",
                             None, self.batch_size, True)

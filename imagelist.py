@@ -235,6 +235,21 @@ def make_loader(dataset, batch_size, shuffle, num_workers, device, bad_images, p
     return ImageLoader(loader, bad_images, drop_bad)
 
 
+class ListLoaders:
+    """Loaders over image lists for one run: its worker processes, its device and its record of unreadable images."""
+
+    def __init__(self, num_workers, device, max_bad_images):
+        """The run's loader settings; bad_images counts the unreadable images its loaders meet."""
+        self.num_workers, self.device = num_workers, device
+        self.bad_images = BadImages(max_bad_images)
+
+    def __call__(self, paths, labels, transform, mode, prob, batch_size, shuffle, persistent=False, drop_bad=False):
+        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages."""
+        dataset = ImageListDataset(paths, labels, transform, mode, prob, self.bad_images.max_tries)
+        return make_loader(dataset, batch_size, shuffle, self.num_workers, self.device, self.bad_images, persistent,
+                           drop_bad)
+
+
 def quiet_worker_threads(worker_id):
     """In a loader worker: no traceback when the main process stops while it fetches a batch.
 

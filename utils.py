@@ -480,13 +480,12 @@ class RunDir:
     # checkpoint was being written in the background and the next one, which waits for that write to finish.
     UNCHECKPOINTED_EPOCHS = 2
 
-    def __init__(self, folder, prefix, log_names, script, json_log="json", carried=()):
-        """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder;
-        carried: suffixes of the run's other files that a continuation in another folder needs (best weights)."""
-        self.folder, self.prefix, self.script = folder, prefix, script
+    def __init__(self, folder, prefix, log_names, carried=()):
+        """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder, "json"
+        among them; carried: suffixes of the run's other files that a continuation in another folder needs."""
+        self.folder, self.prefix = folder, prefix
         self.carried = ("_config.json",) + tuple(carried)
         self.logs = RunLogs({k: os.path.join(folder, name) for k, name in log_names.items()})
-        self.json_log = json_log
         self.ckpt_path = self.path("_checkpoint.pth.tar")
         self.prev_path = self.path("_checkpoint_prev.pth.tar")
         self.config_path = self.path("_config.json")
@@ -497,7 +496,6 @@ class RunDir:
         self.rotate = False  # whether the current checkpoint may become the previous one on the next save
         self.fork = None  # (folder, checkpoint file) when continuing another folder's checkpoint here
         self.own_checkpoint = False  # whether this process wrote (or copied) the folder's current checkpoint
-        self.write_error = None
 
     def path(self, suffix):
         """A file of this run: <folder>/<prefix><suffix>."""
@@ -521,8 +519,6 @@ class RunDir:
             self.lock_fd = None
             raise UserError(f"another process (pid {holder}) is running {self.prefix} in {self.folder}: wait for it "
                             "to end or choose another --output_dir") from None
-        except ImportError:
-            pass
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._remove_stale_temps()
@@ -544,7 +540,6 @@ class RunDir:
 
     def _writer_failed(self):
         """Called in the writer thread when a checkpoint write failed: interrupt the main thread now."""
-        self.write_error = True
         _thread.interrupt_main(signal.SIGINT)
 
     def __exit__(self, exc_type, exc, tb):
@@ -644,7 +639,7 @@ class RunDir:
         """Refuse a fresh start over logs, unless they are what a run killed before its first checkpoint left."""
         if not self.logs.existing():
             return
-        logged = _count_logged_epochs(self.logs.paths[self.json_log])
+        logged = _count_logged_epochs(self.logs.paths["json"])
         if logged > self.UNCHECKPOINTED_EPOCHS:
             raise UserError(f"{self.folder} holds logs of {logged} epochs of a {self.prefix} run but no checkpoint: "
                             "move them away or choose another --output_dir (nothing was overwritten)")
@@ -709,8 +704,9 @@ class RunDir:
         self._check_logs(described, source, checkpoint["epoch"], " (its logs up to the checkpoint are copied here)")
         self.fork = (source, path)
 
-    def check_labels(self, checkpoint, digest, source):
-        """UserError when the training labels differ from those the checkpoint was trained on."""
+    def check_labels(self, checkpoint, defining, labels, source):
+        """Add the training labels' digest to the defining arguments; UserError when the checkpoint's differs."""
+        digest = defining["labels_sha256"] = labels_digest(labels)
         saved = checkpoint["args"].get("labels_sha256") if checkpoint else None
         if saved is not None and saved != digest:
             raise UserError(f"--resume: the training labels from {source} differ from those the checkpoint was "
@@ -762,10 +758,6 @@ class RunDir:
             self.kept_epoch, self.rotate, self.own_checkpoint = epoch, True, True
 
         self.writer.save(state, self.ckpt_path, self.prev_path if self.rotate else None, done)
-
-    def save_file(self, path, write):
-        """Write one of the run's other files (losses, best weights) atomically."""
-        atomic_write(path, write)
 
 
 def run_config(script, args, device, num_train, sources=None, **extra):
