@@ -20,8 +20,9 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
-from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, check_flags, json_safe,
-                   run_config, run_main, run_state, seed_everything, select_device, timed)
+from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, broadcast_from_main, check_flags,
+                   check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard,
+                   run_config, run_main, run_state, seed_process, sync_buffers, timed, world_size, wrap_ddp)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -84,6 +85,9 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory layout for nets and batches")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
+    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
+                        "has no SyncBatchNorm)")
     return p
 
 
@@ -140,8 +144,12 @@ def create_optimizer(net, lr):
     return optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
-def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, logs, loss_dir):
-    """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records."""
+def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device, logs, loss_dir):
+    """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records.
+
+    nets are evaluated as they are; train_nets (their DistributedDataParallel wrappers with several processes)
+    are trained. Every rank holds the gathered losses; rank 0 fits the GMMs and gives every rank its divisions.
+    """
     timing, divisions = {}, [None, None]
     eval_loader = data.eval_loader(args.eval_batch_size)
     # On CUDA net1's GMM (CPU) is fitted while net2's losses are computed (GPU). The fits still run one after
@@ -156,19 +164,23 @@ def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device,
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
             if pending is not None:
                 divisions[k - 1], timing[f"gmm{k}"] = pending.result()
-            pending = pool.submit(timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
-                                  data.clean_mask)
+            if is_main_process():
+                pending = pool.submit(timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
+                                      data.clean_mask)
+            else:
+                pending = pool.submit(lambda: (None, 0.0))
             if device.type != "cuda":
                 divisions[k], timing[f"gmm{k + 1}"] = pending.result()
                 pending = None
         if pending is not None:
             divisions[1], timing["gmm2"] = pending.result()
+    divisions = broadcast_from_main(divisions)
 
     records = [dict(d[3]) for d in divisions]
     for k in (1, 0):  # the original logs net2's division first: it is the one net1 trains on
         logs.write("stats", "Numer of labeled samples:%d   AUC:%.3f\n" % (records[k]["labeled"], records[k]["auc"]))
 
-    if loss_dir and args.save_loss_every and ((epoch - cfg.warm_up) % args.save_loss_every == 0
+    if loss_dir and is_main_process() and args.save_loss_every and ((epoch - cfg.warm_up) % args.save_loss_every == 0
                                               or epoch == args.num_epochs):
         save_division(os.path.join(loss_dir, "epoch_%03d.npz" % epoch), divisions, data.clean_mask, cfg.p_threshold)
 
@@ -176,7 +188,8 @@ def co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device,
         """Labeled and unlabeled loaders of net k's division."""
         return data.labeled_loader(pred, prob, args.batch_size), data.unlabeled_loader(pred, args.batch_size)
 
-    results, train_timing = co_train(epoch, nets, optimizers, [d[0] for d in divisions], make_loaders, cfg, device)
+    results, train_timing = co_train(epoch, train_nets, optimizers, [d[0] for d in divisions], make_loaders, cfg,
+                                     device)
     timing.update(train_timing)
     for k, result in enumerate(results):
         records[k].update(result, gmm=gmm_summary(divisions[k][2]))
@@ -198,23 +211,25 @@ def main(args):
     sources = resolve_settings(args)
     prefix = run_prefix(args.dataset, args.r, args.noise_mode)
     log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
-    with RunDir(args.output_dir, prefix, log_names) as run:
-        train(args, run, sources)
+    device = init_distributed(args.gpuid)
+    local_batch_size(args.batch_size)
+    with RunDir(args.output_dir, prefix, log_names, main=is_main_process()) as run:
+        train(args, run, sources, device)
     return 0
 
 
-def train(args, run, sources):
+def train(args, run, sources, device):
     """Set up, then run epochs start..num_epochs: warm-up or co-divide, test, log, checkpoint."""
     # ---- resume or start -----------------------------------------------------------------------------------
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
     resume = run.open_checkpoint(args.resume, defining)
 
     # ---- data ----------------------------------------------------------------------------------------------
-    device = select_device(args.gpuid)
+    sync_bn = check_sync_bn(args.sync_bn, device)
     sources["amp"] = "flag" if args.amp is not None else f"default for {device.type}"
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
-    seed_everything(args.seed)
+    seed_process(args.seed)
     dataloader_cifar.ensure_data(args.data_path, args.dataset, args.download)
     # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written
     train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset, args.num_class)
@@ -222,7 +237,8 @@ def train(args, run, sources):
     noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
                                                            args.num_class, args.seed)
     run.check_labels(resume, defining, noisy, f"noise file {noise_path}")  # the labels define a run like its flags
-    data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device)
+    shard = make_shard(args.seed)
+    data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard)
     print(f"data: {len(data)} training images, {len(test_y)} test images on {device}; noise file {noise_path} "
           f"({'written' if created else 'reused'}), {1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
 
@@ -237,23 +253,30 @@ def train(args, run, sources):
         histories = [list(h) for h in resume["histories"]]
     else:
         run.begin(run_config("Train_cifar.py", args, device, len(data), sources,
-                             labels_sha256=defining["labels_sha256"], noise_file=noise_path))
+                             labels_sha256=defining["labels_sha256"], noise_file=noise_path,
+                             world_size=world_size(), sync_bn=sync_bn))
+    train_nets = wrap_ddp(nets, device, sync_bn)
     loss_dir = run.path("_losses")
-    os.makedirs(loss_dir, exist_ok=True)
+    if run.main:
+        os.makedirs(loss_dir, exist_ok=True)
 
     # ---- epochs --------------------------------------------------------------------------------------------
     test_loader = data.test_loader(args.eval_batch_size)
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
+        if shard is not None:
+            shard.start_epoch(epoch)
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         if epoch < args.warm_up:
             phase = "warmup"
-            records, timing = co_warmup(epoch, nets, optimizers, lambda: data.warmup_loader(args.batch_size * 2),
-                                        device, args.noise_mode == "asym", precision)
+            records, timing = co_warmup(epoch, train_nets, optimizers,
+                                        lambda: data.warmup_loader(args.batch_size * 2), device,
+                                        args.noise_mode == "asym", precision)
         else:
             phase = "train"
-            records, timing = co_divide_epoch(epoch, nets, optimizers, histories, data, cfg, args, device, run.logs,
-                                              loss_dir)
+            records, timing = co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device,
+                                              run.logs, loss_dir)
+        sync_buffers(nets)
         t0 = time.perf_counter()
         acc = evaluate(nets, test_loader, device, precision=precision)[0]
         timing["test"] = time.perf_counter() - t0

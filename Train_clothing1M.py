@@ -23,7 +23,9 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_save,
-                   check_flags, json_safe, run_config, run_main, run_state, seed_everything, select_device)
+                   check_flags, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size,
+                   make_shard, on_main, run_config, run_main, run_state, seed_process, sync_buffers, world_size,
+                   wrap_ddp)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
@@ -64,6 +66,9 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max_bad_images", default=100, type=int,
                    help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
+    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
+                        "has no SyncBatchNorm)")
     return p
 
 
@@ -98,26 +103,31 @@ def create_model(pretrained, num_class, device, precision):
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     check_flags(args, FLAG_RANGES)
+    device = init_distributed(args.gpuid)
+    local_batch_size(args.batch_size)
     with RunDir(args.output_dir, args.id, {"acc": args.id + ".txt", "json": args.id + "_log.jsonl"},
-                carried=("_net1.pth.tar", "_net2.pth.tar")) as run:
-        train(args, run)
+                carried=("_net1.pth.tar", "_net2.pth.tar"), main=is_main_process()) as run:
+        train(args, run, device)
     return 0
 
 
-def train(args, run):
+def train(args, run, device):
     """Set up, run epochs start..num_epochs (train, validate, divide for the next epoch), then test."""
     # ---- resume or start -----------------------------------------------------------------------------------
     best_paths = [run.path(f"_net{k}.pth.tar") for k in (1, 2)]
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
     resume = run.open_checkpoint(args.resume, defining)
-    device = select_device(args.gpuid)
+    sync_bn = check_sync_bn(args.sync_bn, device)
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
-    seed_everything(args.seed)
+    seed_process(args.seed)
+    shard = make_shard(args.seed)
+    # the class-balanced draws of the training list: with several processes every rank must draw the same
+    draws = shard.numpy if shard is not None else np.random
 
     # ---- data and models -----------------------------------------------------------------------------------
     data = Clothing1M(args.data_path, args.num_class, args.batch_size, args.num_batches, args.image_size,
-                      args.num_workers, device, args.max_bad_images)
+                      args.num_workers, device, args.max_bad_images, shard)
     run.check_labels(resume, defining, data.train_labels, f"{args.data_path}/noisy_label_kv.txt")
     print(f"data: {len(data.train_paths)} noisy training images, {len(data.val_paths)} val, {len(data.test_paths)} "
           f"test; {args.num_batches * args.batch_size} drawn for each loss evaluation", flush=True)
@@ -133,15 +143,19 @@ def train(args, run):
         data.bad_images.restore(resume.get("bad_images", []))
     else:
         run.begin(run_config("Train_clothing1M.py", args, device, len(data.train_paths),
-                             labels_sha256=defining["labels_sha256"]))
+                             labels_sha256=defining["labels_sha256"], world_size=world_size(), sync_bn=sync_bn))
+    train_nets = wrap_ddp(nets, device, sync_bn)
 
     # ---- epochs --------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
+        if shard is not None:
+            shard.start_epoch(epoch)
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         if epoch < args.warm_up:
             phase = "warmup"
-            records, timing = co_warmup(epoch, nets, optimizers, lambda: data.warmup_loader(np.random), device, True, precision)
+            records, timing = co_warmup(epoch, train_nets, optimizers, lambda: data.warmup_loader(draws), device, True,
+                                        precision)
         else:
             phase = "train"
 
@@ -150,7 +164,9 @@ def train(args, run):
                 idx = divisions[k][0]
                 return data.labeled_loader(idx, pred, prob), data.unlabeled_loader(idx, pred)
 
-            records, timing = co_train(epoch, nets, optimizers, [d[1] for d in divisions], make_loaders, cfg, device)
+            records, timing = co_train(epoch, train_nets, optimizers, [d[1] for d in divisions], make_loaders, cfg,
+                                       device)
+        sync_buffers(nets)
 
         # validation of each net alone; each keeps its best weights
         t0 = time.perf_counter()
@@ -165,13 +181,14 @@ def train(args, run):
         # loss evaluation on a fresh draw per net: the division for the next epoch
         for k, net in enumerate(nets):
             t0 = time.perf_counter()
-            idx = data.draw(args.num_batches * args.batch_size, np.random)
+            idx = data.draw(args.num_batches * args.batch_size, draws)
             losses = eval_train(net, data.eval_loader(idx), device, precision)
-            prob, _, gmm, stats = co_divide([normalise_losses(losses)], args.p_threshold, 1)
+            prob, _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1)
             divisions[k] = (idx, prob)
             records[k].update(stats, gmm=gmm_summary(gmm))
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
 
+        data.bad_images.share()
         seconds = time.perf_counter() - t_epoch
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
                                                "val_acc2": accs[1], "net1": records[0], "net2": records[1],

@@ -18,8 +18,9 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, json_safe, run_config,
-                   run_main, run_state, seed_everything, select_device)
+from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, check_sync_bn, init_distributed,
+                   is_main_process, json_safe, local_batch_size, make_shard, on_main, run_config, run_main, run_state,
+                   seed_process, sync_buffers, world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
@@ -59,6 +60,9 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max_bad_images", default=100, type=int,
                    help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
+    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
+                        "has no SyncBatchNorm)")
     return p
 
 
@@ -71,25 +75,28 @@ def create_model(num_class, device, precision):
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     check_flags(args, FLAG_RANGES)
+    device = init_distributed(args.gpuid)
+    local_batch_size(args.batch_size)
     log_names = {"acc": args.id + "_acc.txt", "stats": args.id + "_stats.txt", "json": args.id + "_log.jsonl"}
-    with RunDir(args.output_dir, args.id, log_names) as run:
-        train(args, run)
+    with RunDir(args.output_dir, args.id, log_names, main=is_main_process()) as run:
+        train(args, run, device)
     return 0
 
 
-def train(args, run):
+def train(args, run, device):
     """Set up, then run epochs start..num_epochs: train, test on both val sets, divide for the next epoch."""
     # ---- resume or start -----------------------------------------------------------------------------------
     defining = {k: getattr(args, k) for k in DEFINING_ARGS}
     resume = run.open_checkpoint(args.resume, defining)
-    device = select_device(args.gpuid)
+    sync_bn = check_sync_bn(args.sync_bn, device)
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
-    seed_everything(args.seed)
+    seed_process(args.seed)
+    shard = make_shard(args.seed)
 
     # ---- data and models -----------------------------------------------------------------------------------
     data = WebVision(args.data_path, args.num_class, args.batch_size, args.image_size, args.train_crop,
-                     args.num_workers, device, args.max_bad_images)
+                     args.num_workers, device, args.max_bad_images, shard)
     run.check_labels(resume, defining, data.train_labels, f"{args.data_path}/info/train_filelist_google.txt")
     print(f"data: {len(data.train_paths)} training images, {len(data.val_paths)} WebVision val, "
           f"{len(data.imagenet_paths)} ImageNet val", flush=True)
@@ -104,15 +111,18 @@ def train(args, run):
         data.bad_images.restore(resume.get("bad_images", []))
     else:
         run.begin(run_config("Train_webvision.py", args, device, len(data.train_paths),
-                             labels_sha256=defining["labels_sha256"]))
+                             labels_sha256=defining["labels_sha256"], world_size=world_size(), sync_bn=sync_bn))
+    train_nets = wrap_ddp(nets, device, sync_bn)
 
     # ---- epochs --------------------------------------------------------------------------------------------
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
+        if shard is not None:
+            shard.start_epoch(epoch)
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         if epoch < args.warm_up:
             phase = "warmup"
-            records, timing = co_warmup(epoch, nets, optimizers, data.warmup_loader, device, False, precision)
+            records, timing = co_warmup(epoch, train_nets, optimizers, data.warmup_loader, device, False, precision)
         else:
             phase = "train"
 
@@ -121,7 +131,8 @@ def train(args, run):
                 run.logs.write("stats", "Numer of labeled samples:%d \n" % pred.sum())
                 return data.labeled_loader(pred, prob), data.unlabeled_loader(pred)
 
-            records, timing = co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device)
+            records, timing = co_train(epoch, train_nets, optimizers, probs, make_loaders, cfg, device)
+        sync_buffers(nets)
 
         t0 = time.perf_counter()
         web1, web5 = evaluate(nets, data.val_loader, device, ks=(1, 5), precision=precision)
@@ -134,10 +145,11 @@ def train(args, run):
         for k, net in enumerate(nets):
             t0 = time.perf_counter()
             losses = eval_train(net, data.eval_loader, device, precision)
-            probs[k], _, gmm, stats = co_divide([normalise_losses(losses)], args.p_threshold, 1)
+            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1)
             records[k].update(stats, gmm=gmm_summary(gmm))
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
 
+        data.bad_images.share()
         seconds = time.perf_counter() - t_epoch
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
                                                "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,

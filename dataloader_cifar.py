@@ -272,12 +272,23 @@ def random_crop_flip(images, padding=4):
 
 
 class Batches:
-    """Batches over a subset of device-resident samples, shuffled or in order; `make(idx)` builds a batch."""
+    """Batches over a subset of device-resident samples, shuffled or in order; `make(idx)` builds a batch.
 
-    def __init__(self, make, indices, batch_size, shuffle):
-        """indices: 1-D long tensor on the data's device."""
-        self.make, self.indices, self.batch_size, self.shuffle = make, indices, batch_size, shuffle
+    With a Shard (several processes) a shuffled pass is this rank's share of a shuffle common to all ranks, in
+    batches of batch_size / world; a pass in order is this rank's contiguous span.
+    """
+
+    def __init__(self, make, indices, batch_size, shuffle, shard=None):
+        """indices: 1-D long tensor on the data's device; batch_size: the global batch."""
+        self.make, self.indices, self.batch_size, self.shuffle, self.shard = make, indices, batch_size, shuffle, shard
         self.num_samples = int(indices.numel())
+        if shard is not None:
+            if shuffle:
+                self.batch_size //= shard.world
+                self.num_samples = -(-self.num_samples // shard.world)
+            else:
+                start, stop = shard.span(self.num_samples)
+                self.indices, self.num_samples = indices[start:stop], stop - start
 
     def __len__(self):
         """Number of batches (the last partial batch is kept)."""
@@ -286,7 +297,9 @@ class Batches:
     def __iter__(self):
         """Yield the batches of one pass."""
         order = self.indices
-        if self.shuffle:
+        if self.shuffle and self.shard is not None:
+            order = order[self.shard.order(int(order.numel())).to(order.device)]
+        elif self.shuffle:
             order = order[torch.randperm(self.num_samples, device=order.device)]
         for start in range(0, self.num_samples, self.batch_size):
             yield self.make(order[start:start + self.batch_size])
@@ -295,10 +308,12 @@ class Batches:
 class CIFARData:
     """The CIFAR training and test sets as tensors on the training device, with DivideMix's loaders."""
 
-    def __init__(self, train_images, noisy_labels, clean_labels, test_images, test_labels, dataset, device):
-        """Images uint8 N x 3 x 32 x 32 (numpy or tensor); labels sequences of ints."""
+    def __init__(self, train_images, noisy_labels, clean_labels, test_images, test_labels, dataset, device,
+                 shard=None):
+        """Images uint8 N x 3 x 32 x 32 (numpy or tensor); labels sequences of ints; shard: the run's Shard with
+        several processes (see Batches)."""
         mean, std = MEAN_STD[dataset]
-        self.device = device
+        self.device, self.shard = device, shard
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.train_images = torch.as_tensor(train_images, dtype=torch.uint8).to(device)
@@ -323,30 +338,32 @@ class CIFARData:
 
     def warmup_loader(self, batch_size):
         """All training images, shuffled and augmented, with their noisy labels."""
-        return Batches(lambda i: (self.augment(i), self.noisy_labels[i]), self.all_indices, batch_size, True)
+        make = lambda i: (self.augment(i), self.noisy_labels[i])  # noqa: E731
+        return Batches(make, self.all_indices, batch_size, True, self.shard)
 
     def eval_loader(self, batch_size):
         """All training images in order, unaugmented, with their noisy labels (loss evaluation)."""
-        return Batches(lambda i: (self.plain(i), self.noisy_labels[i]), self.all_indices, batch_size, False)
+        make = lambda i: (self.plain(i), self.noisy_labels[i])  # noqa: E731
+        return Batches(make, self.all_indices, batch_size, False, self.shard)
 
     def labeled_loader(self, pred, prob, batch_size):
         """Images with pred True: two augmented views, noisy label and clean probability w."""
         idx = torch.as_tensor(np.flatnonzero(pred), dtype=torch.long, device=self.device)
         w = torch.as_tensor(np.asarray(prob), dtype=torch.float32, device=self.device)
         make = lambda i: (self.augment(i), self.augment(i), self.noisy_labels[i], w[i])  # noqa: E731
-        return Batches(make, idx, batch_size, True)
+        return Batches(make, idx, batch_size, True, self.shard)
 
     def unlabeled_loader(self, pred, batch_size):
         """Images with pred False: two augmented views; None when there are none."""
         idx = torch.as_tensor(np.flatnonzero(~np.asarray(pred, dtype=bool)), dtype=torch.long, device=self.device)
         if idx.numel() == 0:
             return None
-        return Batches(lambda i: (self.augment(i), self.augment(i)), idx, batch_size, True)
+        return Batches(lambda i: (self.augment(i), self.augment(i)), idx, batch_size, True, self.shard)
 
     def test_loader(self, batch_size):
         """Test images in order, unaugmented, with their labels."""
         make = lambda i: (normalise(self.test_images[i], self.mean, self.std), self.test_labels[i])  # noqa: E731
-        return Batches(make, torch.arange(len(self.test_labels), device=self.device), batch_size, False)
+        return Batches(make, torch.arange(len(self.test_labels), device=self.device), batch_size, False, self.shard)
 
 
 # ----------------------------------------------------------------------------- command

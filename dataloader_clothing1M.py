@@ -42,9 +42,11 @@ def _read_kv(path, num_class):
 class Clothing1M:
     """The Clothing1M lists, read once per run, and the loaders of every phase."""
 
-    def __init__(self, root, num_class, batch_size, num_batches, image_size, num_workers, device, max_bad_images=100):
-        """Read and check the list files and every referenced image file (not decoded: see imagelist)."""
-        self.loader = ListLoaders(num_workers, device, max_bad_images)
+    def __init__(self, root, num_class, batch_size, num_batches, image_size, num_workers, device, max_bad_images=100,
+                 shard=None):
+        """Read and check the list files and every referenced image file (not decoded: see imagelist); shard: the
+        run's Shard with several processes (see ListLoaders)."""
+        self.loader = ListLoaders(num_workers, device, max_bad_images, shard)
         self.bad_images = self.loader.bad_images
         check_list_files(root, LIST_FILES, "Clothing1M")
         self.root, self.num_class, self.batch_size, self.num_batches = root, num_class, batch_size, num_batches

@@ -59,9 +59,11 @@ def _read_imagenet(imagenet, num_class):
 class WebVision:
     """The WebVision lists, read once per run, the ImageNet val images of the same classes, and the loaders."""
 
-    def __init__(self, root, num_class, batch_size, image_size, train_crop, num_workers, device, max_bad_images=100):
-        """Read and check the list files, the ImageNet val folders and every referenced image file (not decoded)."""
-        self.loader = ListLoaders(num_workers, device, max_bad_images)
+    def __init__(self, root, num_class, batch_size, image_size, train_crop, num_workers, device, max_bad_images=100,
+                 shard=None):
+        """Read and check the list files, the ImageNet val folders and every referenced image file (not decoded);
+        shard: the run's Shard with several processes (see ListLoaders)."""
+        self.loader = ListLoaders(num_workers, device, max_bad_images, shard)
         self.bad_images = self.loader.bad_images
         check_list_files(root, LIST_FILES, "WebVision")
         self.batch_size = batch_size

@@ -6,6 +6,11 @@ here knows which dataset it trains on. Loaders yield tuples of tensors:
   warm-up:    (images, labels)            eval:      (images, labels) in dataset order
   labeled:    (x, x2, labels, w)          unlabeled: (u, u2)          test: (images, labels)
 A loader may expose `num_samples` (else len(loader.dataset) is used) and must expose `batch_size`.
+
+Under torchrun with several processes each rank's loaders hold its shard (training: the same number of batches on
+every rank; evaluation: a contiguous span): the nets to train are DistributedDataParallel wrappers, loss
+evaluation and prediction gather their rows in rank order, and the prior penalty and the logged means are taken
+over all ranks. In one process every one of these steps is the identity.
 """
 import time
 from contextlib import nullcontext
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from utils import Progress
+from utils import Progress, gather_rows, mean_over_ranks
 
 
 @dataclass
@@ -92,9 +97,12 @@ def confidence_penalty(logits):
 
 
 def prior_penalty(logits, num_class):
-    """sum(prior * log(prior / mean softmax)) with a uniform prior: keeps predictions spread over classes."""
+    """sum(prior * log(prior / mean softmax)) with a uniform prior: keeps predictions spread over classes.
+
+    With several processes the mean softmax is the global batch's (every rank holds as many rows), so the penalty
+    and its gradient are those of one process training on the whole batch."""
     prior = torch.full((num_class,), 1.0 / num_class, device=logits.device, dtype=torch.float32)
-    pred_mean = torch.softmax(logits.float(), dim=1).mean(0)
+    pred_mean = mean_over_ranks(torch.softmax(logits.float(), dim=1).mean(0))
     return torch.sum(prior * torch.log(prior / pred_mean))
 
 
@@ -179,12 +187,13 @@ def warmup_epoch(net, optimizer, loader, device, penalty=False, desc="warm-up", 
         optimizer.step()
         total += loss.detach()
         progress.update(steps, loss=loss.detach())
-    return float(total) / max(steps, 1)
+    return float(mean_over_ranks(total)) / max(steps, 1)
 
 
 @torch.no_grad()
 def eval_train(net, loader, device, precision=None):
-    """Per-sample cross-entropy of every training image in loader order (eval mode, no augmentation)."""
+    """Per-sample cross-entropy of every training image in loader order (eval mode, no augmentation); with
+    several processes each rank's rows, gathered in rank order."""
     precision = precision or Precision()
     net.eval()
     losses = []
@@ -194,9 +203,7 @@ def eval_train(net, loader, device, precision=None):
         with precision.autocast(device):
             logits = net(inputs)
         losses.append(F.cross_entropy(logits.float(), labels, reduction="none"))
-    if not losses:
-        return torch.zeros(0)
-    return torch.cat(losses).cpu()
+    return gather_rows(torch.cat(losses).cpu() if losses else torch.zeros(0))
 
 
 def co_divide(history, p_threshold, window, clean=None):
@@ -235,22 +242,11 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
         px = w * targets + (1 - w) * px
         targets_x = sharpen(px, cfg.T)
 
-    # MixMatch with l = max(l, 1 - l) so the mixed input stays closer to its first argument.
-    lam = np.random.beta(cfg.alpha, cfg.alpha)
-    if np.isnan(lam):  # alpha near the smallest double underflows numpy's draw; Beta(a, a) then tends to 0 or 1
-        lam = 1.0
-    lam = max(lam, 1 - lam)
     all_inputs = torch.cat([x, x2, u, u2], dim=0)
     all_targets = torch.cat([targets_x, targets_x, targets_u, targets_u], dim=0)
-    idx = torch.randperm(all_inputs.shape[0], device=all_inputs.device)
-    if cfg.unlabeled_loss:
-        mixed_input = lam * all_inputs + (1 - lam) * all_inputs[idx]
-        mixed_target = lam * all_targets + (1 - lam) * all_targets[idx]
-    else:
-        # Clothing1M / WebVision: only the first 2B rows (x, x2) are mixed and trained on; their partners
-        # come from the permutation over all 2B + 2U rows.
-        mixed_input = lam * all_inputs[:2 * B] + (1 - lam) * all_inputs[idx[:2 * B]]
-        mixed_target = lam * all_targets[:2 * B] + (1 - lam) * all_targets[idx[:2 * B]]
+    # Clothing1M / WebVision: only the first 2B rows (x, x2) are mixed and trained on; their partners come from
+    # the permutation over all 2B + 2U rows.
+    mixed_input, mixed_target = mixmatch(all_inputs, all_targets, cfg.alpha, None if cfg.unlabeled_loss else 2 * B)
 
     with precision.autocast(x.device):
         logits = net(precision.prepare(mixed_input)).float()
@@ -263,6 +259,23 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
     loss.backward()
     optimizer.step()
     return Lx.detach(), Lu.detach(), loss.detach()
+
+
+def mixmatch(all_inputs, all_targets, alpha, rows=None):
+    """Mix the first `rows` rows (None: all) with partners from a random permutation of all rows of this process's
+    batch, by l ~ Beta(alpha, alpha) taken as max(l, 1 - l) so a mixed row stays closer to its first argument.
+
+    With several processes a row's partner comes from its own rank's rows and each rank draws its own l: the
+    original's rule on a batch of B / world rows, with no images sent between processes (see README)."""
+    lam = np.random.beta(alpha, alpha)
+    if np.isnan(lam):  # alpha near the smallest double underflows numpy's draw; Beta(a, a) then tends to 0 or 1
+        lam = 1.0
+    lam = max(lam, 1 - lam)
+    idx = torch.randperm(all_inputs.shape[0], device=all_inputs.device)
+    if rows is None:
+        return lam * all_inputs + (1 - lam) * all_inputs[idx], lam * all_targets + (1 - lam) * all_targets[idx]
+    return (lam * all_inputs[:rows] + (1 - lam) * all_inputs[idx[:rows]],
+            lam * all_targets[:rows] + (1 - lam) * all_targets[idx[:rows]])
 
 
 def train_epoch(epoch, net, net2, optimizer, labeled_loader, unlabeled_loader, cfg, device, desc="train"):
@@ -296,7 +309,7 @@ def train_epoch(epoch, net, net2, optimizer, labeled_loader, unlabeled_loader, c
         progress.update(steps, Lx=Lx, Lu=Lu)
     if steps == 0:
         return {"Lx": float("nan"), "Lu": float("nan"), "lambda": float("nan"), "iterations": 0}
-    Lx_mean, Lu_mean = (sums / steps).tolist()
+    Lx_mean, Lu_mean = (mean_over_ranks(sums) / steps).tolist()
     return {"Lx": Lx_mean, "Lu": Lu_mean, "lambda": lambda_sum / steps, "iterations": steps}
 
 
@@ -353,7 +366,9 @@ def predict(nets, loader, device, precision=None):
             logits = sum(net(inputs).float() for net in nets)
         all_logits.append(logits)
         all_labels.append(labels.to(device, non_blocking=True))
-    return torch.cat(all_logits).cpu(), torch.cat(all_labels).cpu()
+    if not all_logits:  # a rank whose span of a small set is empty
+        return gather_rows(torch.zeros(0)), gather_rows(torch.zeros(0, dtype=torch.long))
+    return gather_rows(torch.cat(all_logits).cpu()), gather_rows(torch.cat(all_labels).cpu())
 
 
 def topk_accuracy(logits, labels, ks=(1,)):

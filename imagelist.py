@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from utils import UserError
+from utils import UserError, gather_objects, world_size
 
 # What one sample is in each loader mode of the algorithm engine (dividemix.py).
 MODES = ("plain", "labeled", "unlabeled")
@@ -227,27 +227,41 @@ class ImageLoader:
             yield batch
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, device, bad_images, persistent=False, drop_bad=False):
-    """ImageLoader with worker processes and pinned memory on CUDA; `persistent` for loaders reused every epoch."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+def make_loader(dataset, batch_size, shuffle, num_workers, device, bad_images, persistent=False, drop_bad=False,
+                sampler=None):
+    """ImageLoader with worker processes and pinned memory on CUDA; `persistent` for loaders reused every epoch;
+    `sampler` (instead of shuffle) for a rank's share of a shuffle."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=persistent and num_workers > 0,
                         worker_init_fn=quiet_worker_threads)
     return ImageLoader(loader, bad_images, drop_bad)
 
 
 class ListLoaders:
-    """Loaders over image lists for one run: its worker processes, its device and its record of unreadable images."""
+    """Loaders over image lists for one run: its worker processes, its device, its record of unreadable images and,
+    with several processes, its Shard: a shuffled loader then yields this rank's share of a shuffle common to all
+    ranks in batches of batch_size / world, a loader in order this rank's contiguous span of the list."""
 
-    def __init__(self, num_workers, device, max_bad_images):
+    def __init__(self, num_workers, device, max_bad_images, shard=None):
         """The run's loader settings; bad_images counts the unreadable images its loaders meet."""
-        self.num_workers, self.device = num_workers, device
+        self.num_workers, self.device, self.shard = num_workers, device, shard
         self.bad_images = BadImages(max_bad_images)
 
     def __call__(self, paths, labels, transform, mode, prob, batch_size, shuffle, persistent=False, drop_bad=False):
-        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages."""
+        """Loader over an ImageListDataset whose unreadable images are reported to the run's BadImages.
+
+        batch_size: the global batch of a shuffled (training) loader, the per-process batch of one in order."""
+        sampler = None
+        if self.shard is not None and shuffle:
+            sampler, shuffle = self.shard.sampler(len(paths)), False
+            batch_size //= self.shard.world
+        elif self.shard is not None:
+            start, stop = self.shard.span(len(paths))
+            paths, labels = paths[start:stop], labels[start:stop]
+            prob = None if prob is None else prob[start:stop]
         dataset = ImageListDataset(paths, labels, transform, mode, prob, self.bad_images.max_tries)
         return make_loader(dataset, batch_size, shuffle, self.num_workers, self.device, self.bad_images, persistent,
-                           drop_bad)
+                           drop_bad, sampler)
 
 
 def quiet_worker_threads(worker_id):
@@ -306,14 +320,31 @@ class BadImages:
                           f"--max_bad_images {self.max_bad}", flush=True)
             if info["blank"]:
                 blank = info["bad"]
+        self._check_limit()
+        if blank is not None:
+            raise UserError(f"none of {len(blank)} consecutive listed images from {blank[0][0]} could be read: "
+                            "check the image files (re-extract the archive)")
+
+    def share(self):
+        """With several processes: every rank learns the unreadable images the other ranks met (the logs and the
+        checkpoint list the run's images, and --max_bad_images counts them over all ranks)."""
+        if world_size() == 1:
+            return
+        for rank, state in enumerate(gather_objects(self.state())):
+            for path, error in state:
+                if path not in self.found:
+                    self.found[path] = error
+                    print(f"warning: rank {rank} skipped unreadable image {path} ({error}); {len(self.found)} in "
+                          f"this run, --max_bad_images {self.max_bad}", flush=True)
+        self._check_limit()
+
+    def _check_limit(self):
+        """UserError when the run has met more unreadable images than --max_bad_images."""
         if len(self.found) > self.max_bad:
             listed = [f"{p} ({e})" for p, e in self.found.items()]
             raise UserError(f"{len(self.found)} images could not be read, more than --max_bad_images {self.max_bad}: "
                             f"{_examples(listed)}: replace them with readable copies (re-extract the archive) and "
                             "continue with --resume, or raise --max_bad_images")
-        if blank is not None:
-            raise UserError(f"none of {len(blank)} consecutive listed images from {blank[0][0]} could be read: "
-                            "check the image files (re-extract the archive)")
 
     def epoch_record(self):
         """The JSON log's fields: bad_images (run total so far), new_bad_images (paths first met since last call)."""

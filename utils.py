@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # errno values of a write that failed for want of space or permission on the output's file system.
@@ -29,6 +31,10 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACC
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+
+class ReportedOnRankZero(UserError):
+    """A user error rank 0 found and reported for the whole job: the other ranks exit 2 without a line."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -49,17 +55,23 @@ def _raise_interrupted(signum, frame):
 def run_main(main, args):
     """Call main(args). UserError: one line, exit 2. SIGINT / SIGTERM: one line, exit 130 / 143. No traceback."""
     previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
+    # Under torchrun every rank's stderr reaches the console: a rank other than 0 says which it is.
+    who = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" else ""
     try:
         return main(args)
+    except ReportedOnRankZero:
+        sys.exit(2)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {who}{exc}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Interrupted as exc:
-        print(f"stopped by {exc}: {exc.note}", file=sys.stderr, flush=True)
+        print(f"stopped by {exc}: {who}{exc.note}", file=sys.stderr, flush=True)
         sys.exit(128 + exc.signum)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -170,6 +182,230 @@ def select_device(gpuid):
         torch.backends.cudnn.benchmark = True
         return torch.device("cuda", gpuid)
     return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------- several processes (torchrun)
+
+def init_distributed(gpuid):
+    """The training device. Under torchrun: cuda:LOCAL_RANK (--gpuid ignored), and with several processes the
+    process group (NCCL on CUDA, gloo on the CPU); ranks other than 0 print nothing to stdout."""
+    if "WORLD_SIZE" not in os.environ:
+        return select_device(gpuid)
+    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        if local >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local} has no CUDA device ({torch.cuda.device_count()} visible): give "
+                            "torchrun at most that many --nproc_per_node")
+        device = select_device(local)
+    else:
+        device = torch.device("cpu")
+    print(f"torchrun: rank {rank} of {world} on {device} (--gpuid {gpuid} is ignored under torchrun)", flush=True)
+    if world > 1:
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+        if rank != 0:  # one console: the logs and progress lines are rank 0's
+            sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def world_size():
+    """Number of processes of the run (1 without torchrun or with one process)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def get_rank():
+    """This process's rank (0 in a single process)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process():
+    """Whether this process writes the run's files (rank 0)."""
+    return get_rank() == 0
+
+
+def restart_count():
+    """How often torchrun (--max_restarts) has restarted the job: 0 on its first attempt and without torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def local_batch_size(batch_size, flag="--batch_size"):
+    """A global batch's share per process; UserError when it does not divide evenly."""
+    world = world_size()
+    if batch_size % world:
+        raise UserError(f"{flag} {batch_size} does not split evenly over {world} processes: give a multiple of "
+                        f"{world} (it is the global batch, as in the paper)")
+    return batch_size // world
+
+
+def gather_rows(tensor):
+    """Every rank's rows (first dimension) concatenated in rank order, on every rank; the tensor itself in one
+    process. Ranks may hold different numbers of rows."""
+    if world_size() == 1:
+        return tensor
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat(parts)
+
+
+def gather_objects(value):
+    """[value of rank 0, value of rank 1, ...] on every rank; [value] in one process."""
+    if world_size() == 1:
+        return [value]
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
+def broadcast_from_main(value):
+    """Rank 0's value on every rank (the argument of other ranks is ignored)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn, *args):
+    """fn(*args) computed once, on rank 0, and its result given to every rank."""
+    return broadcast_from_main(fn(*args) if is_main_process() else None)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose gradient is the all-reduced gradient: d(sum)/d(own part) summed over every rank's
+    loss. DistributedDataParallel then averages the ranks' gradients, which gives the gradient of the one loss."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        """Sum of the tensor over the ranks."""
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Sum of the incoming gradients over the ranks."""
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def mean_over_ranks(tensor):
+    """The mean of a tensor over the ranks, differentiable; the tensor itself in one process."""
+    if world_size() == 1:
+        return tensor
+    return _SumOverRanks.apply(tensor) / world_size()
+
+
+def wrap_ddp(nets, device, sync_bn):
+    """The nets to train: DistributedDataParallel wrappers (BatchNorm synchronised when sync_bn) with several
+    processes, the nets themselves in one. SyncBatchNorm keeps the Parameter and buffer objects, so optimizers
+    made before stay valid and state_dict keys do not change."""
+    if world_size() == 1:
+        return list(nets)
+    wrapped = []
+    for net in nets:
+        if sync_bn:
+            converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            assert converted is net, "the root module of a net is no BatchNorm"
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped.append(DistributedDataParallel(net, device_ids=ids))
+    return wrapped
+
+
+def sync_buffers(nets):
+    """Give every rank rank 0's buffers (BatchNorm running statistics): without SyncBatchNorm each rank's running
+    statistics follow its own shard, and evaluation and checkpoints need one set."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for net in nets:
+            for buffer in net.buffers():
+                dist.broadcast(buffer, src=0)
+
+
+def check_sync_bn(sync_bn, device):
+    """The --sync_bn setting in force: on by default under several processes on CUDA; torch's SyncBatchNorm has no
+    CPU kernels, so on the CPU it is off (asking for it is an error)."""
+    if world_size() == 1:
+        return False
+    if device.type != "cuda":
+        if sync_bn:
+            raise UserError("--sync_bn needs CUDA (torch's SyncBatchNorm has no CPU kernels): drop it on the CPU, "
+                            "where each process keeps BatchNorm statistics of its own shard")
+        print("BatchNorm: per-process statistics (SyncBatchNorm needs CUDA)", flush=True)
+        return False
+    return True if sync_bn is None else sync_bn
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """DataLoader sampler of this rank's share of a shuffled order drawn by a Shard at each pass."""
+
+    def __init__(self, n, shard):
+        """n: samples of the dataset; shard: the run's Shard."""
+        self.n, self.shard = n, shard
+
+    def __len__(self):
+        """Samples per pass on this rank (the same on every rank)."""
+        return -(-self.n // self.shard.world)
+
+    def __iter__(self):
+        """This rank's indices of a fresh shuffle."""
+        return iter(self.shard.order(self.n).tolist())
+
+
+class Shard:
+    """How data is split over the ranks of a run.
+
+    Training passes: a shuffle drawn from a generator that every rank seeds from --seed and the epoch at the start
+    of each epoch and draws from in the same order (so all ranks hold the same order), padded by repeating its
+    head to a multiple of the world size as DistributedSampler does, and dealt round-robin: every rank gets the
+    same number of samples, so the same number of iterations. Evaluation passes: contiguous spans, no padding, so
+    that rows gathered in rank order are the dataset's rows in order, each once.
+    """
+
+    def __init__(self, seed, rank, world):
+        """seed: --seed; rank and world of this process."""
+        self.seed, self.rank, self.world = seed, rank, world
+        self.generator = torch.Generator()
+        self.numpy = np.random.RandomState()
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch):
+        """Reseed the shared generators from (seed, epoch): identical on every rank, and after a resume."""
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(2)
+        self.generator.manual_seed(int(state[0]))
+        self.numpy.seed(int(state[1]))
+
+    def order(self, n):
+        """This rank's positions 0..n-1 of a fresh shuffle (a 1-D long tensor of ceil(n / world) entries)."""
+        order = torch.randperm(n, generator=self.generator)
+        total = -(-n // self.world) * self.world
+        if total > n:
+            order = order.repeat(-(-total // n))[:total]
+        return order[self.rank::self.world]
+
+    def span(self, n):
+        """This rank's contiguous range (start, stop) of n rows in order."""
+        per, extra = divmod(n, self.world)
+        start = self.rank * per + min(self.rank, extra)
+        return start, start + per + (self.rank < extra)
+
+    def sampler(self, n):
+        """A DataLoader sampler of this rank's share of a fresh shuffle of n samples at each pass."""
+        return ShardSampler(n, self)
+
+
+def make_shard(seed):
+    """The run's Shard with several processes, None in one (the single-process code paths stay as they are)."""
+    return Shard(seed, get_rank(), world_size()) if world_size() > 1 else None
+
+
+def seed_process(seed):
+    """Seed the global generators: with --seed in one process, with --seed + rank in each of several (their
+    augmentation and MixMatch draws differ; shuffles come from the Shard)."""
+    seed_everything((seed + get_rank()) % 2 ** 32)
 
 
 # ----------------------------------------------------------------------------- atomic files and checkpoints
@@ -373,8 +609,24 @@ def labels_digest(labels):
 
 def run_state(epoch, defining, args, nets, optimizers, **extra):
     """Everything a checkpoint after `epoch` holds to continue exactly; `extra` adds the script's own state."""
-    return {"epoch": epoch, "args": defining, "all_args": vars(args), "nets": [n.state_dict() for n in nets],
-            "optimizers": [o.state_dict() for o in optimizers], "rng": get_rng_state(), **extra}
+    state = {"epoch": epoch, "args": defining, "all_args": vars(args), "nets": [n.state_dict() for n in nets],
+             "optimizers": [o.state_dict() for o in optimizers], "rng": get_rng_state(), **extra}
+    if world_size() > 1:  # a collective: every rank calls run_state, rank 0 writes
+        state["rng_ranks"] = gather_objects(state["rng"])
+    return state
+
+
+def restore_rng(checkpoint, seed):
+    """Continue each process's random draws: exactly when the checkpoint was written by as many processes (or by
+    one, resumed by one); otherwise reseed from --seed, the rank and the epoch (the run goes on, not bit for bit)."""
+    states = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+    if len(states) == world_size():
+        set_rng_state(states[get_rank()])
+        return True
+    seed_everything(int(np.random.SeedSequence([seed, get_rank(), checkpoint["epoch"]]).generate_state(1)[0]))
+    print(f"resume: the checkpoint was written by {len(states)} process(es), this run has {world_size()}: weights, "
+          "optimizers and divisions continue, the random draws start afresh", flush=True)
+    return False
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -396,9 +648,10 @@ class RunLogs:
     """The run's text logs (the original code's files) plus a JSON-lines file: append-only, with a running
     size and SHA-256 per file so that a checkpoint can say exactly which log contents belong to it."""
 
-    def __init__(self, paths):
-        """paths: name -> file path; nothing is opened until start() or resume()."""
-        self.paths = paths
+    def __init__(self, paths, enabled=True):
+        """paths: name -> file path; nothing is opened until start() or resume(); enabled False: writes nothing
+        (the logs of a rank other than 0)."""
+        self.paths, self.enabled = paths, enabled
         self.files, self.hashes, self.written = {}, {}, {}
 
     def existing(self):
@@ -428,6 +681,8 @@ class RunLogs:
 
     def write(self, key, text):
         """Append text to one log and flush it; a failed write names the file."""
+        if not self.enabled:
+            return
         data = text.encode()
         try:
             self.files[key].write(data)
@@ -480,18 +735,20 @@ class RunDir:
     # checkpoint was being written in the background and the next one, which waits for that write to finish.
     UNCHECKPOINTED_EPOCHS = 2
 
-    def __init__(self, folder, prefix, log_names, carried=()):
+    def __init__(self, folder, prefix, log_names, carried=(), main=True):
         """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder, "json"
-        among them; carried: suffixes of the run's other files that a continuation in another folder needs."""
-        self.folder, self.prefix = folder, prefix
+        among them; carried: suffixes of the run's other files that a continuation in another folder needs;
+        main: whether this process writes (rank 0); other ranks only read the checkpoint rank 0 chose."""
+        self.folder, self.prefix, self.main = folder, prefix, main
         self.carried = ("_config.json",) + tuple(carried)
-        self.logs = RunLogs({k: os.path.join(folder, name) for k, name in log_names.items()})
+        self.logs = RunLogs({k: os.path.join(folder, name) for k, name in log_names.items()}, enabled=main)
         self.ckpt_path = self.path("_checkpoint.pth.tar")
         self.prev_path = self.path("_checkpoint_prev.pth.tar")
         self.config_path = self.path("_config.json")
         self.lock_path = os.path.join(folder, f".{prefix}.lock")
         self.lock_fd = None
         self.writer = None
+        self.opened = None  # the checkpoint file open_checkpoint chose
         self.kept_epoch = None  # epoch of the newest checkpoint known to be complete on disk
         self.rotate = False  # whether the current checkpoint may become the previous one on the next save
         self.fork = None  # (folder, checkpoint file) when continuing another folder's checkpoint here
@@ -504,7 +761,9 @@ class RunDir:
     # ---- entering and leaving ------------------------------------------------------------------------------
 
     def __enter__(self):
-        """Check that the folder is usable, take the lock, remove this run's stale temporary files."""
+        """Check that the folder is usable, take the lock, remove this run's stale temporary files (rank 0 only)."""
+        if not self.main:
+            return self
         try:
             os.makedirs(self.folder, exist_ok=True)
             self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -544,6 +803,14 @@ class RunDir:
 
     def __exit__(self, exc_type, exc, tb):
         """Finish or discard the write in flight, close the logs, release the lock; explain an early stop."""
+        if not self.main:
+            if isinstance(exc, KeyboardInterrupt):
+                note = f"rank 0 keeps the run's files in {self.folder} and says how to continue"
+                if isinstance(exc, Interrupted):
+                    exc.note = note
+                else:
+                    raise Interrupted(signal.SIGINT, note) from None
+            return False
         in_main = threading.current_thread() is threading.main_thread()
         # A second Ctrl-C while the last write finishes would only leave a temporary file behind.
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS} if in_main else {}
@@ -603,8 +870,32 @@ class RunDir:
         """The checkpoint to continue from (verified and checked against `defining`), or None for a fresh start.
 
         resume_arg: None (fresh start), "auto" (this folder's checkpoint), a checkpoint file or a folder holding
-        one. Nothing is changed here; whatever would overwrite or garble a run is refused with one line.
+        one. Nothing is changed here; whatever would overwrite or garble a run is refused with one line. With
+        several processes rank 0 decides and the others load the file it chose (so the folder must be one that
+        every node sees). A job restarted by torchrun continues from this folder's checkpoint by itself.
         """
+        if restart_count() and (not resume_arg or os.path.exists(self.ckpt_path) or os.path.exists(self.prev_path)):
+            print(f"torchrun restart {restart_count()}: continuing from the last checkpoint in {self.folder}",
+                  flush=True)
+            resume_arg = "auto"
+        if world_size() == 1:
+            return self._open_checkpoint(resume_arg, defining)
+        if self.main:
+            try:
+                checkpoint = self._open_checkpoint(resume_arg, defining)
+            except UserError as exc:
+                broadcast_from_main(("error", str(exc)))
+                raise
+            broadcast_from_main(("path", self.opened))
+            return checkpoint
+        kind, path = broadcast_from_main(None)
+        if kind == "error":
+            raise ReportedOnRankZero(path)
+        return None if path is None else load_checkpoint(path)
+
+    def _open_checkpoint(self, resume_arg, defining):
+        """open_checkpoint in the process that decides; self.opened is the file chosen (None: a fresh start)."""
+        self.opened = None
         has_checkpoint = os.path.exists(self.ckpt_path) or os.path.exists(self.prev_path)
         if not resume_arg:
             if has_checkpoint:
@@ -624,6 +915,7 @@ class RunDir:
         if not os.path.isfile(path):
             raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
         checkpoint = self._load_verified(path)
+        self.opened = path
         check_resume_args(checkpoint["args"], defining, defining.keys())
         described = self._described_logs(checkpoint)
         if os.path.samefile(os.path.dirname(os.path.abspath(path)), self.folder):
@@ -717,6 +1009,8 @@ class RunDir:
 
     def begin(self, config):
         """Fresh start: write the run's config and open its logs."""
+        if not self.main:
+            return
         atomic_json(config, self.config_path)
         self.logs.start()
 
@@ -725,6 +1019,9 @@ class RunDir:
         for net, opt, net_state, opt_state in zip(nets, optimizers, checkpoint["nets"], checkpoint["optimizers"]):
             net.load_state_dict(net_state)
             opt.load_state_dict(opt_state)
+        if not self.main:
+            restore_rng(checkpoint, checkpoint["args"]["seed"])
+            return checkpoint["epoch"] + 1
         described = self._described_logs(checkpoint)
         if self.fork is not None:
             # the new folder becomes a whole run at the checkpoint's epoch: its logs, its config and other files,
@@ -743,13 +1040,15 @@ class RunDir:
                   "up to that epoch and its " + ", ".join(s.lstrip("_") for s in self.carried) + " were copied",
                   flush=True)
         self.logs.resume(described)
-        set_rng_state(checkpoint["rng"])
+        restore_rng(checkpoint, checkpoint["args"]["seed"])
         self.kept_epoch = checkpoint["epoch"]
         print(f"resumed from epoch {checkpoint['epoch']}", flush=True)
         return checkpoint["epoch"] + 1
 
     def save(self, state):
         """Write the checkpoint of state["epoch"] in the background; the one it replaces becomes the previous."""
+        if not self.main:
+            return
         self.writer.wait()  # the write before must have landed to decide whether it becomes the previous one
         state = dict(state, logs=self.logs.state(), prefix=self.prefix)
 
