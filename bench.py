@@ -3,6 +3,11 @@ straightforward implementation of the same algorithm (PIL transforms, DataLoader
 
     python bench.py --device cuda                      # full CIFAR-10 size: 50,000 train / 10,000 test images
     python bench.py --device cpu --num_train 512       # a couple of minutes on a small CPU
+    torchrun --nproc_per_node=8 bench.py               # this project's path on 8 processes, and on one first
+
+Under torchrun with several processes, rank 0 first times the phases alone (before the process group exists, the
+other ranks wait for it), then every rank times them together on its shard of the same global batch; the table
+shows images/s of both and the scaling efficiency (images/s of N processes / (N x images/s of one)).
 
 Prints a table, then one JSON line with the device, torch version, seconds and images/s per phase for both
 implementations, the speedups and the peak memory.
@@ -23,7 +28,9 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, train_epoch,
                        warmup_epoch)
 from PreResNet import ResNet18
-from utils import AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, UserError, check_flags, run_main
+from utils import (AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, UserError, check_flags, init_distributed,
+                   is_main_process, local_batch_size, make_shard, on_main, run_main, select_device, world_size,
+                   wrap_ddp)
 
 PHASES = ("warmup", "eval", "gmm", "train1", "train2", "test")
 # Allowed values of every numeric flag. The GMM needs two images at least, and the fixed half/half division
@@ -84,9 +91,11 @@ def fast_loaders(data, pred, prob, args):
 # ----------------------------------------------------------------------------- timing
 
 def _sync(device):
-    """Wait for queued device work so the wall clock covers it."""
+    """Wait for queued device work (and, with several processes, for every rank) so the wall clock covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if world_size() > 1:
+        torch.distributed.barrier()
 
 
 def _memory(device):
@@ -96,8 +105,11 @@ def _memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_phases(name, loaders, precision, args, device, clean_mask):
-    """Run every phase once (train twice when --epochs 2) and return {phase: seconds}, iterations, memory trace."""
+def run_phases(name, loaders, precision, args, device, clean_mask, shard=None):
+    """Run every phase once (train twice when --epochs 2) and return {phase: seconds}, iterations, memory trace.
+
+    With several processes the nets train as DistributedDataParallel (SyncBatchNorm on CUDA), the GMM is fitted
+    on rank 0, and evaluation is gathered, as in the training scripts."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     nets = []
@@ -109,6 +121,9 @@ def run_phases(name, loaders, precision, args, device, clean_mask):
             net.compile()
         nets.append(net)
     opts = [torch.optim.SGD(n.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4) for n in nets]
+    train_nets = wrap_ddp(nets, device, sync_bn=device.type == "cuda")
+    if shard is not None:
+        shard.start_epoch(0)
     cfg = DivideMixConfig(num_class=10, lambda_u=25, warm_up=10, precision=precision)
     times, memory, iters = {}, [], {}
 
@@ -120,14 +135,14 @@ def run_phases(name, loaders, precision, args, device, clean_mask):
         times[phase] = time.perf_counter() - t0
         return result
 
-    timed("warmup", lambda: warmup_epoch(nets[0], opts[0], loaders["warmup"], device, desc=f"{name} warm-up",
+    timed("warmup", lambda: warmup_epoch(train_nets[0], opts[0], loaders["warmup"], device, desc=f"{name} warm-up",
                                          precision=precision))
     losses = timed("eval", lambda: eval_train(nets[0], loaders["eval"], device, precision))
-    timed("gmm", lambda: co_divide([normalise_losses(losses)], 0.5, 1, clean_mask))
+    timed("gmm", lambda: on_main(co_divide, [normalise_losses(losses)], 0.5, 1, clean_mask))
     for epoch in range(args.epochs):
         for k in range(2):
-            out = timed(f"train{k + 1}", lambda: train_epoch(12, nets[k], nets[1 - k], opts[k], loaders["labeled"],
-                                                             loaders["unlabeled"], cfg, device,
+            out = timed(f"train{k + 1}", lambda: train_epoch(12, train_nets[k], train_nets[1 - k], opts[k],
+                                                             loaders["labeled"], loaders["unlabeled"], cfg, device,
                                                              desc=f"{name} train net{k + 1}"))
             iters[f"train{k + 1}"] = out["iterations"]
         memory.append(_memory(device))
@@ -153,12 +168,8 @@ def get_args_parser():
     return p
 
 
-def main(args):
-    """Build synthetic data, time both implementations, print the table and the JSON line."""
-    check_flags(args, FLAG_RANGES)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but CUDA is not available: use --device cpu")
+def synthetic_data(args, device):
+    """CIFAR-shaped random images and labels (the same for every --seed on every rank) and a half/half division."""
     n_train = args.num_train or (50000 if device.type == "cuda" else 512)
     n_test = args.num_test or (10000 if device.type == "cuda" else 256)
     rng = np.random.default_rng(args.seed)
@@ -171,37 +182,70 @@ def main(args):
     test_labels = rng.integers(0, 10, n_test)
     prob = rng.random(n_train)
     pred = prob > 0.5  # a fixed half/half division so both implementations train on the same split sizes
+    return train, labels, clean, test, test_labels, pred, prob
 
-    data = dataloader_cifar.CIFARData(train, labels, clean, test, test_labels, "cifar10", device)
-    fast_precision = Precision(amp=args.amp, channels_last=args.channels_last)
-    results = {"fast": run_phases("fast", fast_loaders(data, pred, prob, args), fast_precision, args, device,
-                                  data.clean_mask)}
+
+def time_fast(arrays, args, device, shard=None):
+    """Time this project's path (device-resident data, batched augmentation) on this process or shard."""
+    train, labels, clean, test, test_labels, pred, prob = arrays
+    data = dataloader_cifar.CIFARData(train, labels, clean, test, test_labels, "cifar10", device, shard)
+    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    return run_phases("fast", fast_loaders(data, pred, prob, args), precision, args, device, data.clean_mask, shard)
+
+
+def phase_rates(times, iters, arrays):
+    """{phase: seconds, images/s, s/iter} and the seconds of one co-divide epoch."""
+    n_train, n_test, n_labeled = len(arrays[0]), len(arrays[3]), int(arrays[5].sum())
+    images = {"warmup": n_train, "eval": n_train, "gmm": n_train, "test": n_test}
+    per = {}
+    for phase in PHASES:
+        seconds = times[phase]
+        if phase.startswith("train"):
+            n_img = n_labeled  # the labeled set drives a train epoch
+            per_iter = seconds / max(iters[phase], 1)
+        else:
+            n_img, per_iter = images[phase], None
+        per[phase] = {"seconds": seconds, "images_per_s": n_img / seconds, "s_per_iter": per_iter}
+    # one co-divide epoch: loss evaluation and GMM for both nets, both train epochs, test
+    epoch = 2 * times["eval"] + 2 * times["gmm"] + times["train1"] + times["train2"] + times["test"]
+    return per, epoch
+
+
+def describe(args, arrays, device):
+    """The report's common fields."""
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "num_train": len(arrays[0]), "num_test": len(arrays[3]),
+            "batch_size": args.batch_size, "amp": args.amp, "channels_last": args.channels_last,
+            "compile": args.compile, "epochs": args.epochs}
+
+
+def main(args):
+    """Build synthetic data, time both implementations (or, under torchrun, 1 vs N processes), print the table
+    and the JSON line."""
+    check_flags(args, FLAG_RANGES)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return main_scaling(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but CUDA is not available: use --device cpu")
+    arrays = synthetic_data(args, device)
+    results = {"fast": time_fast(arrays, args, device)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if not args.skip_baseline:
+        train, labels, clean, test, test_labels, pred, prob = arrays
         loaders = baseline_loaders(train.transpose(0, 2, 3, 1), labels, test.transpose(0, 2, 3, 1), test_labels,
                                    pred, prob, args, device)
-        results["baseline"] = run_phases("baseline", loaders, Precision(), args, device, data.clean_mask)
+        results["baseline"] = run_phases("baseline", loaders, Precision(), args, device, labels == clean)
 
-    images = {"warmup": n_train, "eval": n_train, "gmm": n_train, "test": n_test}
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "num_train": n_train, "num_test": n_test, "batch_size": args.batch_size,
-              "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile, "epochs": args.epochs}
+    report = describe(args, arrays, device)
     print(f"\n{'phase':<8} {'impl':<9} {'seconds':>9} {'images/s':>10} {'s/iter':>8}")
     for impl, (times, iters, memory) in results.items():
-        per = {}
-        for phase in PHASES:
-            seconds = times[phase]
-            if phase.startswith("train"):
-                n_img = int(pred.sum())  # the labeled set drives a train epoch
-                per_iter = seconds / max(iters[phase], 1)
-            else:
-                n_img, per_iter = images[phase], None
-            per[phase] = {"seconds": seconds, "images_per_s": n_img / seconds, "s_per_iter": per_iter}
-            print(f"{phase:<8} {impl:<9} {seconds:9.3f} {n_img / seconds:10.1f} "
+        per, epoch = phase_rates(times, iters, arrays)
+        for phase, row in per.items():
+            per_iter = row["s_per_iter"]
+            print(f"{phase:<8} {impl:<9} {row['seconds']:9.3f} {row['images_per_s']:10.1f} "
                   f"{per_iter if per_iter is not None else float('nan'):8.4f}")
-        # one co-divide epoch: loss evaluation and GMM for both nets, both train epochs, test
-        epoch = 2 * times["eval"] + 2 * times["gmm"] + times["train1"] + times["train2"] + times["test"]
         report[impl] = {"phases": per, "co_divide_epoch_s": epoch, "peak_memory_bytes": max(memory),
                         "memory_after_each_epoch": memory}
     if "baseline" in results:
@@ -213,6 +257,41 @@ def main(args):
               f"{report['baseline']['co_divide_epoch_s']:.2f}s, speedup {report['speedup_vs_baseline']:.2f}x; "
               f"per train iteration {report['speedup_train_iteration']:.2f}x")
     report["peak_memory_bytes"] = report["fast"]["peak_memory_bytes"]
+    print(json.dumps(report))
+
+
+def main_scaling(args):
+    """Under torchrun with N processes: this project's path on rank 0 alone, then on all N; images/s per phase of
+    both and the scaling efficiency. --batch_size is the global batch both times; the device is cuda:LOCAL_RANK
+    when CUDA is available (else the CPU), whatever --device says."""
+    arrays = None
+    if os.environ["RANK"] == "0":  # before the process group exists: the other ranks wait for it meanwhile
+        device = select_device(int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+        arrays = synthetic_data(args, device)
+        single = time_fast(arrays, args, device)
+    device = init_distributed()
+    local_batch_size(args.batch_size)
+    arrays = synthetic_data(args, device)
+    together = time_fast(arrays, args, device, make_shard(args.seed))
+    if not is_main_process():
+        return
+    world = world_size()
+    report = {**describe(args, arrays, device), "world_size": world}
+    print(f"\n{'phase':<8} {'images/s 1 process':>19} {f'images/s {world} processes':>21} {'efficiency':>11}")
+    rows = {}
+    for name, (times, iters, memory) in (("one_process", single), ("n_processes", together)):
+        per, epoch = phase_rates(times, iters, arrays)
+        report[name] = {"phases": per, "co_divide_epoch_s": epoch, "peak_memory_bytes": max(memory)}
+        rows[name] = per
+    report["efficiency"] = {}
+    for phase in PHASES:
+        one, many = rows["one_process"][phase]["images_per_s"], rows["n_processes"][phase]["images_per_s"]
+        report["efficiency"][phase] = many / (world * one)
+        print(f"{phase:<8} {one:19.1f} {many:21.1f} {100 * report['efficiency'][phase]:10.1f}%")
+    report["epoch_efficiency"] = report["one_process"]["co_divide_epoch_s"] / (
+        world * report["n_processes"]["co_divide_epoch_s"])
+    print(f"co-divide epoch: 1 process {report['one_process']['co_divide_epoch_s']:.2f}s, {world} processes "
+          f"{report['n_processes']['co_divide_epoch_s']:.2f}s, efficiency {100 * report['epoch_efficiency']:.1f}%")
     print(json.dumps(report))
 
 

@@ -186,11 +186,11 @@ def select_device(gpuid):
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
 
-def init_distributed(gpuid):
+def init_distributed(gpuid=None):
     """The training device. Under torchrun: cuda:LOCAL_RANK (--gpuid ignored), and with several processes the
     process group (NCCL on CUDA, gloo on the CPU); ranks other than 0 print nothing to stdout."""
     if "WORLD_SIZE" not in os.environ:
-        return select_device(gpuid)
+        return select_device(gpuid or 0)
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
         if local >= torch.cuda.device_count():
@@ -199,12 +199,22 @@ def init_distributed(gpuid):
         device = select_device(local)
     else:
         device = torch.device("cpu")
-    print(f"torchrun: rank {rank} of {world} on {device} (--gpuid {gpuid} is ignored under torchrun)", flush=True)
+    ignored = f" (--gpuid {gpuid} is ignored under torchrun)" if gpuid is not None else ""
+    print(f"torchrun: rank {rank} of {world} on {device}{ignored}", flush=True)
     if world > 1:
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
+        try:
+            if device.type == "cuda":
+                dist.init_process_group("nccl", device_id=device)
+            else:
+                dist.init_process_group("gloo")
+        except Exception as exc:
+            if not (restart_count() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+                raise
+            # torch's rendezvous store, shared with the workers by default, still holds the addresses of the
+            # attempt before; restarted workers may read those and fail to connect
+            raise UserError(f"the processes of torchrun restart {restart_count()} could not connect ({exc}): export "
+                            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun --max_restarts, then run it again "
+                            "(it continues from the last checkpoint)") from None
         if rank != 0:  # one console: the logs and progress lines are rank 0's
             sys.stdout = open(os.devnull, "w")
     return device
@@ -862,7 +872,8 @@ class RunDir:
                 argv.append(arg)
         if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
             argv.append("--resume")
-        return "python " + shlex.join(argv)
+        launcher = "torchrun [its options as before] " if "WORLD_SIZE" in os.environ else "python "
+        return launcher + shlex.join(argv)
 
     # ---- deciding how to start -----------------------------------------------------------------------------
 

@@ -1,0 +1,198 @@
+"""Several processes under torchrun on the CPU (gloo) and tiny data: the three scripts end to end, world size 1
+equal to the plain command, identical weights and divisions on every rank, reproducible logs, resume with 2
+processes and with another count, a killed rank, torchrun's restarts, and the pieces (tests/dist_checks.py)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fake_cifar import write_fake_cifar
+from fake_realworld import write_fake_clothing1m, write_fake_webvision
+from utils import verify_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PREFIX = "cifar10_0.5_sym"
+FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", "--save_loss_every", "1"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(nproc, script, *args, env=None, max_restarts=0, timeout=300):
+    """`torchrun --standalone --nproc_per_node=N [--max_restarts=K] SCRIPT ARGS` (the CPU: gloo); the process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           f"--max_restarts={max_restarts}", "--monitor_interval=0.2", *script, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
+
+
+def cifar_args(data, out, epochs, *extra):
+    """Train_cifar.py's arguments for the tiny data set."""
+    return ["--data_path", data, "--output_dir", out, "--num_epochs", epochs, *FAST, *extra]
+
+
+def launch(*script):
+    """The command of a script run through tests/dist_launch.py (probes and faults)."""
+    return [os.path.join(ROOT, "tests", "dist_launch.py"), *script]
+
+
+def ok(proc):
+    """Assert a torchrun job succeeded; return it."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+def records(out):
+    """The JSON log without its timing fields."""
+    result = [json.loads(line) for line in open(os.path.join(out, PREFIX + "_log.jsonl")).read().splitlines()]
+    for rec in result:
+        rec.pop("seconds", None), rec.pop("time", None)
+    return result
+
+
+def assert_same_run(out, reference):
+    """Text logs, JSON log and final weights equal bit for bit."""
+    for name in (PREFIX + "_acc.txt", PREFIX + "_stats.txt"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(reference, name), "rb").read(), name
+    assert records(out) == records(reference)
+    a = torch.load(os.path.join(out, PREFIX + "_checkpoint.pth.tar"), weights_only=False)
+    b = torch.load(os.path.join(reference, PREFIX + "_checkpoint.pth.tar"), weights_only=False)
+    assert a["epoch"] == b["epoch"]
+    for k in range(2):
+        for name, tensor in b["nets"][k].items():
+            assert torch.equal(a["nets"][k][name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cifar")
+    write_fake_cifar(str(path), "cifar10", n_train=33, n_test=17)  # odd sizes: padding and uneven spans
+    return path
+
+
+@pytest.fixture(scope="module")
+def two(data, tmp_path_factory):
+    """A 2-process run of epochs 0..2 with probes: (folder, probe folder)."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    probe = tmp_path_factory.mktemp("probe")
+    ok(torchrun(2, launch("Train_cifar.py"), *cifar_args(data, out, 2), env={"PROBE": str(probe)}))
+    return out, probe
+
+
+def test_pieces_on_two_ranks(tmp_path):
+    """DDP warm-up step = single step on the whole batch, prior penalty and its gradient, mixing partners within a
+    rank, shard orders, even batches of odd sets, gathered loss evaluation and accuracy."""
+    out = tmp_path / "passed.json"
+    ok(torchrun(2, [os.path.join(ROOT, "tests", "dist_checks.py")], out))
+    assert len(json.loads(out.read_text())) == 6
+
+
+def test_two_processes_same_weights_and_divisions_on_every_rank(two):
+    out, probe = two
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [e["epoch"] for e in ranks[0]["epochs"]] == [0, 1, 2]
+    assert ranks[0]["epochs"] == ranks[1]["epochs"]  # nets and optimizer states, bit for bit, after each epoch
+    assert ranks[0]["divisions"] == ranks[1]["divisions"] and len(ranks[0]["divisions"]) == 2  # epochs 1 and 2
+    recs = records(out)
+    assert [r["phase"] for r in recs] == ["warmup", "train", "train"]
+    assert recs[1]["net1"]["labeled"] + recs[1]["net1"]["unlabeled"] == 33  # every sample once in the division
+    config = json.loads(open(os.path.join(out, PREFIX + "_config.json")).read())
+    assert config["world_size"] == 2 and config["sync_bn"] is False
+    # only rank 0 wrote: one set of files, no second run's leftovers
+    assert sorted(f for f in os.listdir(out) if not f.startswith(".")) == sorted(
+        [PREFIX + s for s in ("_acc.txt", "_stats.txt", "_log.jsonl", "_config.json", "_checkpoint.pth.tar",
+                              "_checkpoint_prev.pth.tar", "_losses")])
+
+
+def test_the_same_command_twice_gives_the_same_logs(two, data, tmp_path):
+    out = tmp_path / "again"
+    ok(torchrun(2, ["Train_cifar.py"], *cifar_args(data, out, 2)))
+    assert_same_run(out, two[0])
+
+
+def test_world_size_one_equals_the_plain_command(data, tmp_path):
+    plain = tmp_path / "plain"
+    proc = subprocess.run([sys.executable, "Train_cifar.py", *map(str, cifar_args(data, plain, 2))], cwd=ROOT,
+                          capture_output=True, text=True, env=ENV)
+    ok(proc)
+    one = tmp_path / "one"
+    proc = ok(torchrun(1, ["Train_cifar.py"], *cifar_args(data, one, 2, "--gpuid", 3)))
+    assert "--gpuid 3 is ignored under torchrun" in proc.stdout
+    assert_same_run(one, plain)
+
+
+def test_resume_with_two_processes_continues_exactly(two, data, tmp_path):
+    out = tmp_path / "resumed"
+    ok(torchrun(2, ["Train_cifar.py"], *cifar_args(data, out, 1)))
+    ok(torchrun(2, ["Train_cifar.py"], *cifar_args(data, out, 2, "--resume")))
+    assert_same_run(out, two[0])
+
+
+def test_a_two_process_checkpoint_continues_in_one_process(two, data, tmp_path):
+    out = tmp_path / "one"
+    proc = subprocess.run([sys.executable, "Train_cifar.py", *map(str, cifar_args(data, out, 3)), "--resume",
+                           str(two[0] / (PREFIX + "_checkpoint.pth.tar"))], cwd=ROOT, capture_output=True,
+                          text=True, env=ENV)
+    ok(proc)
+    assert "written by 2 process(es), this run has 1" in proc.stdout
+    assert [r["epoch"] for r in records(out)] == [0, 1, 2, 3]
+    assert records(out)[:3] == records(two[0])
+
+
+def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
+    proc = torchrun(2, ["Train_cifar.py"], *cifar_args(data, tmp_path / "out", 1), "--batch_size", 7)
+    assert proc.returncode != 0
+    assert "error: --batch_size 7 does not split evenly over 2 processes" in proc.stderr
+    assert os.path.join(ROOT, "utils.py") not in proc.stderr  # no traceback of the script (torchrun prints its own)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint(data, tmp_path):
+    out = tmp_path / "killed"
+    t0 = time.time()
+    proc = torchrun(2, launch("Train_cifar.py"), *cifar_args(data, out, 3), env={"KILL": "1:2"})
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert "rank      : 1 (local_rank: 1)" in proc.stderr and "SIGKILL" in proc.stderr
+    checkpoint = out / (PREFIX + "_checkpoint.pth.tar")
+    assert verify_checkpoint(str(checkpoint)) is None
+    assert torch.load(checkpoint, weights_only=False)["epoch"] in (1, 2)
+
+
+def test_torchrun_restarts_resume_by_themselves_and_end_as_an_undisturbed_run(two, data, tmp_path):
+    out = tmp_path / "restarted"
+    # torch's shared rendezvous store would hand the restarted workers the addresses of the attempt before
+    proc = ok(torchrun(2, launch("Train_cifar.py"), *cifar_args(data, out, 2), max_restarts=1,
+                       env={"KILL": "1:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
+    assert "torchrun restart 1: continuing from the last checkpoint" in proc.stdout
+    assert_same_run(out, two[0])
+
+
+def test_clothing1m_on_two_processes(tmp_path):
+    data = tmp_path / "clothing"
+    write_fake_clothing1m(str(data), n_train=50, n_val=15, n_test=13)
+    out = tmp_path / "out"
+    ok(torchrun(2, ["Train_clothing1M.py"], "--data_path", data, "--output_dir", out, "--pretrained", "none",
+                "--batch_size", 4, "--num_batches", 3, "--image_size", 64, "--num_workers", 0, "--num_epochs", 1))
+    lines = (out / "clothing1m.txt").read_text().splitlines()
+    assert lines[0].startswith("Validation Epoch:0") and lines[2].startswith("Test Accuracy:")
+    recs = [json.loads(x) for x in (out / "clothing1m_log.jsonl").read_text().splitlines()]
+    assert [r.get("phase") for r in recs] == ["warmup", "train", "test"]
+    assert recs[1]["net1"]["labeled"] + recs[1]["net1"]["unlabeled"] == 12  # a 3 x 4 draw, gathered whole
+    # the best-validation weights were kept and tested: accuracies are multiples of 1/15 (val) and 1/13 (test)
+    assert round(recs[0]["val_acc1"] * 15 / 100, 6).is_integer()
+    assert round(recs[2]["test_acc"] * 13 / 100, 6).is_integer()
+
+
+def test_webvision_on_two_processes(tmp_path):
+    data = tmp_path / "webvision"
+    write_fake_webvision(str(data), n_train=25, n_val=7, n_imagenet=6)
+    out = tmp_path / "out"
+    ok(torchrun(2, ["Train_webvision.py"], "--data_path", data, "--output_dir", out, "--batch_size", 4,
+                "--image_size", 107, "--num_workers", 0, "--num_epochs", 1))
+    recs = [json.loads(x) for x in (out / "webvision_log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in recs] == ["warmup", "train"]
+    assert recs[1]["net1"]["labeled"] + recs[1]["net1"]["unlabeled"] == 25
+    for r in recs:  # top-1 and top-5 of 7 WebVision and 6 ImageNet images, gathered whole
+        assert round(r["webvision_top5"] * 7 / 100, 6).is_integer()
+        assert round(r["imagenet_top5"] * 6 / 100, 6).is_integer()
