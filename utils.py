@@ -5,6 +5,7 @@ import argparse
 import errno
 import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
 # errno values of a write that failed for want of space or permission on the output's file system.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -320,7 +322,11 @@ def wrap_ddp(nets, device, sync_bn):
             converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
             assert converted is net, "the root module of a net is no BatchNorm"
         ids = [device.index] if device.type == "cuda" else None
-        wrapped.append(DistributedDataParallel(net, device_ids=ids))
+        # BatchNorm buffers are not broadcast at every forward: sync_buffers gives every rank rank 0's at the end
+        # of each epoch (with SyncBatchNorm they agree anyway). Newer torch names the switch forward_sync_buffers.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in DDP_PARAMETERS
+                   else {"broadcast_buffers": False})
+        wrapped.append(DistributedDataParallel(net, device_ids=ids, **no_sync))
     return wrapped
 
 
