@@ -21,7 +21,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
 from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, broadcast_from_main, check_flags,
-                   check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard,
+                   check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
                    run_config, run_main, run_state, seed_process, sync_buffers, timed, world_size, wrap_ddp)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
@@ -230,12 +230,13 @@ def train(args, run, sources, device):
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
     seed_process(args.seed)
-    dataloader_cifar.ensure_data(args.data_path, args.dataset, args.download)
+    on_main(dataloader_cifar.ensure_data, args.data_path, args.dataset, args.download)  # one download, by rank 0
     # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written
     train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset, args.num_class)
     noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
-    noisy, created = dataloader_cifar.load_or_create_noise(noise_path, clean, args.r, args.noise_mode,
-                                                           args.num_class, args.seed)
+    # rank 0 reads or writes the noise file; with several processes the others get its labels
+    noisy, created = on_main(dataloader_cifar.load_or_create_noise, noise_path, clean, args.r, args.noise_mode,
+                             args.num_class, args.seed)
     run.check_labels(resume, defining, noisy, f"noise file {noise_path}")  # the labels define a run like its flags
     shard = make_shard(args.seed)
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard)

@@ -175,7 +175,8 @@ def train(args, run, device):
         for k in range(2):
             if accs[k] > best[k]:
                 best[k] = accs[k]
-                atomic_save(nets[k].state_dict(), best_paths[k])
+                if run.main:
+                    atomic_save(nets[k].state_dict(), best_paths[k])
         run.logs.write("acc", "Validation Epoch:%d      Acc1:%.2f  Acc2:%.2f\n" % (epoch, accs[0], accs[1]))
 
         # loss evaluation on a fresh draw per net: the division for the next epoch
@@ -205,6 +206,7 @@ def train(args, run, device):
         if os.path.exists(best_paths[k]):
             nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
     acc = evaluate(nets, data.test_loader(), device, precision=precision)[0]
+    data.bad_images.share()
     run.logs.write("acc", "Test Accuracy:%.2f\n" % acc)
     run.logs.write_json("json", {"phase": "test", "test_acc": acc, **data.bad_images.epoch_record()})
     print(f"test accuracy of the best-validation nets: {acc:.2f}%", flush=True)

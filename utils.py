@@ -280,8 +280,22 @@ def broadcast_from_main(value):
 
 
 def on_main(fn, *args):
-    """fn(*args) computed once, on rank 0, and its result given to every rank."""
-    return broadcast_from_main(fn(*args) if is_main_process() else None)
+    """fn(*args) computed once, on rank 0, and its result given to every rank. A UserError of rank 0 is raised
+    there and ends the other ranks quietly (exit 2): rank 0 reports it for the job."""
+    if world_size() == 1:
+        return fn(*args)
+    if not is_main_process():
+        kind, value = broadcast_from_main(None)
+        if kind == "error":
+            raise ReportedOnRankZero(value)
+        return value
+    try:
+        value = fn(*args)
+    except UserError as exc:
+        broadcast_from_main(("error", str(exc)))
+        raise
+    broadcast_from_main(("value", value))
+    return value
 
 
 class _SumOverRanks(torch.autograd.Function):
@@ -897,17 +911,16 @@ class RunDir:
             resume_arg = "auto"
         if world_size() == 1:
             return self._open_checkpoint(resume_arg, defining)
+        chosen = {}
+
+        def decide():
+            """Rank 0: open the checkpoint; every rank learns which file it was."""
+            chosen["checkpoint"] = self._open_checkpoint(resume_arg, defining)
+            return self.opened
+
+        path = on_main(decide)
         if self.main:
-            try:
-                checkpoint = self._open_checkpoint(resume_arg, defining)
-            except UserError as exc:
-                broadcast_from_main(("error", str(exc)))
-                raise
-            broadcast_from_main(("path", self.opened))
-            return checkpoint
-        kind, path = broadcast_from_main(None)
-        if kind == "error":
-            raise ReportedOnRankZero(path)
+            return chosen["checkpoint"]
         return None if path is None else load_checkpoint(path)
 
     def _open_checkpoint(self, resume_arg, defining):

@@ -4,15 +4,20 @@ processes and with another count, a killed rank, torchrun's restarts, bench.py's
 (tests/dist_checks.py)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import dataloader_cifar
+from dividemix import division_stats, eval_train, normalise_losses
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m, write_fake_webvision
+from PreResNet import ResNet18
 from utils import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +30,16 @@ def torchrun(nproc, script, *args, env=None, max_restarts=0, timeout=300):
     """`torchrun --standalone --nproc_per_node=N [--max_restarts=K] SCRIPT ARGS` (the CPU: gloo); the process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max_restarts={max_restarts}", "--monitor_interval=0.2", *script, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
+    # a session of its own: a job that hangs is killed whole (torchrun and its workers), not just torchrun
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, **(env or {})}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not end within {timeout} s: {stdout[-2000:]} {stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def cifar_args(data, out, epochs, *extra):
@@ -106,6 +120,29 @@ def test_two_processes_same_weights_and_divisions_on_every_rank(two):
                               "_checkpoint_prev.pth.tar", "_losses")])
 
 
+def test_the_division_is_that_of_a_single_process_evaluation_of_the_same_weights(two, data):
+    """Epoch 1's division was made from the weights after epoch 0 (the previous checkpoint): evaluating those here,
+    in one process, gives the same per-sample losses (the GMM's input), and the logged counts, precision and recall
+    are those of the division saved with them."""
+    out, _ = two
+    checkpoint = torch.load(out / (PREFIX + "_checkpoint_prev.pth.tar"), weights_only=False)
+    assert checkpoint["epoch"] == 0
+    train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(str(data), "cifar10")
+    noisy = json.loads((data / "0.5_sym.json").read_text())
+    cifar = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, "cifar10", torch.device("cpu"))
+    saved = np.load(out / (PREFIX + "_losses") / "epoch_001.npz")
+    logged = records(out)[1]
+    for k in (1, 2):
+        net = ResNet18(num_classes=10)
+        net.load_state_dict(checkpoint["nets"][k - 1])
+        losses = normalise_losses(eval_train(net, cifar.eval_loader(64), torch.device("cpu")))
+        assert np.allclose(losses.numpy(), saved[f"loss{k}"], atol=1e-5)
+        # the division saved beside the log (probabilities stored as float32: AUC would see ties there)
+        stats = division_stats(saved[f"prob{k}"], 0.5, cifar.clean_mask)
+        for key in ("labeled", "precision", "recall"):
+            assert logged[f"net{k}"][key] == pytest.approx(stats[key], abs=1e-6), (k, key)
+
+
 def test_world_size_one_equals_the_plain_command(data, tmp_path):
     plain = tmp_path / "plain"
     proc = subprocess.run([sys.executable, "Train_cifar.py", *map(str, cifar_args(data, plain, 1))], cwd=ROOT,
@@ -142,6 +179,12 @@ def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
     assert "error: --batch_size 7 does not split evenly over 2 processes" in proc.stderr
     assert os.path.join(ROOT, "utils.py") not in proc.stderr  # no traceback of the script (torchrun prints its own)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_error_rank_0_finds_for_the_job_is_reported_once(data, tmp_path):
+    proc = torchrun(2, ["Train_cifar.py"], *cifar_args(data, tmp_path / "out", 1, "--resume", tmp_path / "none.tar"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: --resume: no checkpoint at") == 1 and "error: rank 1" not in proc.stderr
 
 
 def test_a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint(data, tmp_path):
