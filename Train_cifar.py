@@ -180,8 +180,8 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     for k in (1, 0):  # the original logs net2's division first: it is the one net1 trains on
         logs.write("stats", "Numer of labeled samples:%d   AUC:%.3f\n" % (records[k]["labeled"], records[k]["auc"]))
 
-    if loss_dir and is_main_process() and args.save_loss_every and ((epoch - cfg.warm_up) % args.save_loss_every == 0
-                                              or epoch == args.num_epochs):
+    save_now = args.save_loss_every and ((epoch - cfg.warm_up) % args.save_loss_every == 0 or epoch == args.num_epochs)
+    if loss_dir and is_main_process() and save_now:
         save_division(os.path.join(loss_dir, "epoch_%03d.npz" % epoch), divisions, data.clean_mask, cfg.p_threshold)
 
     def make_loaders(k, pred, prob):

@@ -282,8 +282,10 @@ def quiet_worker_threads(worker_id):
 
 
 def default_num_workers():
-    """Worker processes per loader: the CPU count, at most 8."""
-    return min(8, os.cpu_count() or 1)
+    """Worker processes per loader: the CPU count (shared by the processes torchrun starts on this machine), at
+    most 8."""
+    per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, per_process))
 
 
 class BadImages:
