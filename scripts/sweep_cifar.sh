@@ -12,6 +12,14 @@
 #   --gpus G ...          one worker per GPU id (default: $CUDA_VISIBLE_DEVICES, else nvidia-smi's GPUs,
 #                         else one slot that leaves the device choice to Train_cifar.py)
 #   --dry-run             print the commands (with their GPU) and run nothing
+#   --slurm               hand the runs to SLURM instead: write ROOT/slurm/sweep_<time>.sbatch, a job array of
+#                         one task per run left to do, and submit it with sbatch (with --dry-run: print it only)
+#   --partition P         (--slurm) the partition to submit to
+#   --time HH:MM:SS       (--slurm) each task's time limit; a task warned before it (USR1, --warn_seconds)
+#                         stops cleanly, requeues itself and resumes from its checkpoint
+#   --gpus_per_task G     (--slurm) GPUs per task (default 1; 0 for CPU-only nodes)
+#   --warn_seconds N      (--slurm) how long before the time limit the warning comes (default 300)
+#   --sbatch_args "..."   (--slurm) further sbatch options, e.g. "--account=A --qos=Q"
 # Everything after -- goes to every Train_cifar.py call. $PYTHON picks the interpreter (default: python3);
 # $TRAIN_SCRIPT replaces Train_cifar.py as the script run (the tests use a fake one; presets still come from
 # Train_cifar.py).
@@ -40,6 +48,12 @@ cifar100_path=./cifar-100
 root=./runs
 dry_run=0
 gpus_given=0
+slurm=0
+partition=
+time_limit=
+gpus_per_task=1
+warn_seconds=300
+sbatch_args=
 
 while (($#)); do
     case $1 in
@@ -55,15 +69,21 @@ while (($#)); do
             while (($#)) && [[ $1 != -* && $1 != *:* ]]; do gpus+=("$1"); shift; done
             ((${#gpus[@]})) || usage_error "--gpus needs at least one GPU id, e.g. --gpus 0 1"
             ;;
-        --cifar10_path|--cifar100_path|--out)
+        --cifar10_path|--cifar100_path|--out|--partition|--time|--gpus_per_task|--warn_seconds|--sbatch_args)
             (($# >= 2)) || usage_error "$1 needs a value"
             case $1 in
                 --cifar10_path) cifar10_path=$2 ;;
                 --cifar100_path) cifar100_path=$2 ;;
                 --out) root=$2 ;;
+                --partition) partition=$2 ;;
+                --time) time_limit=$2 ;;
+                --gpus_per_task) gpus_per_task=$2 ;;
+                --warn_seconds) warn_seconds=$2 ;;
+                --sbatch_args) sbatch_args=$2 ;;
             esac
             shift 2
             ;;
+        --slurm) slurm=1; shift ;;
         --dry-run|--dry_run) dry_run=1; shift ;;
         -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         --) shift; train_args=("$@"); break ;;
@@ -72,6 +92,11 @@ while (($#)); do
     esac
 done
 ((${#seeds[@]})) || seeds=(123)
+[[ $gpus_per_task =~ ^[0-9]+$ ]] || usage_error "--gpus_per_task $gpus_per_task is not allowed: give an integer >= 0"
+[[ $warn_seconds =~ ^[0-9]+$ ]] || usage_error "--warn_seconds $warn_seconds is not allowed: give an integer >= 0"
+if ((slurm && !dry_run)) && ! command -v sbatch >/dev/null 2>&1; then
+    usage_error "--slurm needs sbatch on the PATH (a SLURM login node); --dry-run --slurm prints the job script"
+fi
 
 # The sweep owns these flags: a pass-through copy would silently contradict the run directory's name.
 for a in "${train_args[@]+"${train_args[@]}"}"; do
@@ -266,6 +291,8 @@ PYEOF
 commands=()
 notes=()
 run_dirs=()
+run_cells=()
+run_seeds=()
 blocked=()
 n_finished=0
 while IFS=$'\t' read -r state run_dir dataset mode r seed lambda_u p_threshold source note; do
@@ -282,11 +309,87 @@ while IFS=$'\t' read -r state run_dir dataset mode r seed lambda_u p_threshold s
     line=$(printf '%q ' "$PY" "$TRAIN" "${cmd[@]}")
     line="${line% } >> $(printf '%q' "$run_dir/train.log") 2>&1"
     commands+=("$line")
+    run_cells+=("$dataset:$mode:$r")
+    run_seeds+=("$seed")
     notes+=("# lambda_u=$lambda_u p_threshold=$p_threshold ($source); $state ($note)")
     run_dirs+=("$run_dir")
 done <<<"$plan"
 
 n=${#commands[@]}
+
+if ((slurm)); then
+    # One array task per run left to do. A task runs this script for its one cell and seed, so a requeued task
+    # plans again from the run folder: it resumes from the checkpoint, or skips a run that has finished.
+    echo "# sweep: $((n + n_finished + ${#blocked[@]})) run(s): $n to submit, $n_finished finished, ${#blocked[@]} blocked"
+    ((n)) || { echo "sweep: nothing left to submit"; exit $((${#blocked[@]} ? 1 : 0)); }
+    mkdir -p "$root/slurm" || usage_error "cannot create $root/slurm"
+    root_abs=$(cd "$root" && pwd)
+    abs() { [[ $1 == /* ]] && echo "$1" || echo "$PWD/$1"; }
+    script="$root_abs/slurm/sweep_$(date '+%Y%m%d_%H%M%S').sbatch"
+    {
+        echo "#!/usr/bin/env bash"
+        echo "#SBATCH --job-name=dividemix-sweep"
+        echo "#SBATCH --array=0-$((n - 1))"
+        echo "#SBATCH --requeue"
+        echo "#SBATCH --open-mode=append"
+        echo "#SBATCH --signal=B:USR1@$warn_seconds"
+        echo "#SBATCH --output=$root_abs/slurm/%x_%A_%a.out"
+        [[ -n $partition ]] && echo "#SBATCH --partition=$partition"
+        [[ -n $time_limit ]] && echo "#SBATCH --time=$time_limit"
+        ((gpus_per_task > 0)) && echo "#SBATCH --gres=gpu:$gpus_per_task"
+        echo "# Written by scripts/sweep_cifar.sh --slurm: task i trains run i below with the sweep's own rules"
+        echo "# (skip finished, --resume from a checkpoint). USR1 (the warning before the time limit) stops the run"
+        echo "# cleanly and requeues the task; SIGTERM (preemption, scancel, scontrol requeue) stops it cleanly."
+        printf 'runs=('
+        for i in "${!run_cells[@]}"; do printf ' %q' "${run_cells[$i]} ${run_seeds[$i]} ${run_dirs[$i]}"; done
+        printf ' )
+'
+        printf 'sweep=(%q --out %q --cifar10_path %q --cifar100_path %q)
+' "$REPO/scripts/sweep_cifar.sh" "$root_abs"             "$(abs "$cifar10_path")" "$(abs "$cifar100_path")"
+        printf 'train_args=('
+        for a in "${train_args[@]+"${train_args[@]}"}"; do printf ' %q' "$a"; done
+        printf ' )
+'
+        printf 'export PYTHON=%q
+' "$PY"
+        [[ -n ${TRAIN_SCRIPT:-} ]] && printf 'export TRAIN_SCRIPT=%q
+' "$TRAIN_SCRIPT"
+        cat <<'TASK'
+read -r cell seed run_dir <<<"${runs[$SLURM_ARRAY_TASK_ID]}"
+echo "=== $(date '+%Y-%m-%d %H:%M:%S') task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (restart ${SLURM_RESTART_COUNT:-0}): run folder $run_dir"
+child=
+stop() {
+    # Stop the run cleanly (its checkpoint and logs are kept), then requeue on the time-limit warning.
+    kill -TERM "$child" 2>/dev/null
+    wait "$child"
+    if [[ $1 == USR1 ]]; then
+        echo "=== $(date '+%Y-%m-%d %H:%M:%S') time limit near: requeued, the run resumes from its checkpoint"
+        scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    fi
+    exit 0
+}
+trap 'stop USR1' USR1
+trap 'stop TERM' TERM
+"${sweep[@]}" --seeds "$seed" "$cell" -- "${train_args[@]}" &
+child=$!
+wait "$child"
+TASK
+    } >"$script"
+    if ((dry_run)); then
+        cat "$script"
+        rm -f "$script"
+        exit 0
+    fi
+    # sbatch options given here override the script's #SBATCH lines
+    read -r -a extra <<<"$sbatch_args"
+    job=$(sbatch --parsable "${extra[@]+"${extra[@]}"}" "$script") || { echo "error: sbatch refused $script" >&2; exit 1; }
+    job=${job%%;*}
+    echo "sweep: submitted job array $job ($n task(s)): $script"
+    echo "sweep: follow it with: squeue -j $job; task logs: $root_abs/slurm/dividemix-sweep_${job}_<task>.out;" \
+         "each run's own log: <run folder>/train.log; report: python report.py $root"
+    exit 0
+fi
+
 slots=${#gpus[@]}
 ((slots > n)) && slots=$n
 ((slots >= 1)) || slots=1
@@ -312,7 +415,8 @@ fi
 run_worker() {
     # Runs the runs i = slot, slot + slots, ... one after another; exit status = number of failed runs.
     local slot=$1 failed=0 child= i rc t0 log
-    trap '[[ -n $child ]] && kill -TERM "$child" 2>/dev/null; exit 130' TERM INT
+    # the run gets the signal and finishes the checkpoint it is writing before the worker leaves
+    trap '[[ -n $child ]] && kill -TERM "$child" 2>/dev/null && wait "$child"; exit 130' TERM INT
     for ((i = slot; i < n; i += slots)); do
         log="${run_dirs[$i]}/train.log"
         mkdir -p "${run_dirs[$i]}" || { failed=$((failed + 1)); continue; }
