@@ -174,3 +174,19 @@ def test_without_sbatch_slurm_stops_with_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "--slurm needs sbatch on the PATH" in proc.stderr
+
+
+def test_a_torchrun_job_requeues_on_the_time_limit_warning_and_resumes(env, data, tmp_path):
+    """scripts/slurm_torchrun.sbatch: one run on 2 processes (CPU, gloo), warned mid-run, requeued, continued."""
+    out = tmp_path / "run"
+    proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/job_%j.out",
+                           os.path.join(REPO, "scripts", "slurm_torchrun.sbatch"), os.path.join(REPO, "Train_cifar.py"),
+                           "--data_path", str(data), "--output_dir", str(out), *TRAIN_ARGS],
+                          env={**env, "PROCS_PER_NODE": "2"}, capture_output=True, text=True, cwd=tmp_path, check=True)
+    job = proc.stdout.strip().split(";")[0]
+    wait_for_checkpoint(str(out))
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    wait_done(job, env)
+    log = open(tmp_path / f"job_{job}.out").read()
+    assert "time limit near: requeued" in log and "(restart 1)" in log and "resumed from epoch" in log
+    assert [r["epoch"] for r in records(str(out), "cifar10_0.5_sym")] == [0, 1, 2]
