@@ -322,11 +322,10 @@ if ((slurm)); then
     # plans again from the run folder: it resumes from the checkpoint, or skips a run that has finished.
     echo "# sweep: $((n + n_finished + ${#blocked[@]})) run(s): $n to submit, $n_finished finished, ${#blocked[@]} blocked"
     ((n)) || { echo "sweep: nothing left to submit"; exit $((${#blocked[@]} ? 1 : 0)); }
-    mkdir -p "$root/slurm" || usage_error "cannot create $root/slurm"
-    root_abs=$(cd "$root" && pwd)
     abs() { [[ $1 == /* ]] && echo "$1" || echo "$PWD/$1"; }
+    root_abs=$(abs "$root")
     script="$root_abs/slurm/sweep_$(date '+%Y%m%d_%H%M%S').sbatch"
-    {
+    text=$(
         echo "#!/usr/bin/env bash"
         echo "#SBATCH --job-name=dividemix-sweep"
         echo "#SBATCH --array=0-$((n - 1))"
@@ -374,12 +373,12 @@ trap 'stop TERM' TERM
 child=$!
 wait "$child"
 TASK
-    } >"$script"
+    )
     if ((dry_run)); then
-        cat "$script"
-        rm -f "$script"
+        echo "$text"
         exit 0
     fi
+    mkdir -p "$root_abs/slurm" && echo "$text" >"$script" || usage_error "cannot write $script"
     # sbatch options given here override the script's #SBATCH lines
     read -r -a extra <<<"$sbatch_args"
     job=$(sbatch --parsable "${extra[@]+"${extra[@]}"}" "$script") || { echo "error: sbatch refused $script" >&2; exit 1; }

@@ -231,3 +231,16 @@ def test_execution_with_fake_trainer(tmp_path, env):
     proc = sweep(["--out", root, "--gpus", "3", "cifar10:sym:0.8"], dict(env, TRAIN_SCRIPT=str(fake)), check=False)
     assert proc.returncode == 1
     assert (root / "cifar10_sym_0.8_seed123" / "train.log").read_text().count("=== sweep ") == 2
+
+
+def test_slurm_dry_run_prints_the_job_script_and_writes_nothing(tmp_path, env):
+    root = tmp_path / "runs"
+    proc = sweep(["--slurm", "--dry-run", "--out", root, "--seeds", 1, 2, "--partition", "gpu", "--time", "02:00:00",
+                  "--gpus_per_task", 2, "cifar10:sym:0.5", "--", "--num_epochs", 7], env)
+    text = proc.stdout
+    for line in ("#SBATCH --array=0-1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@300", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=02:00:00", "#SBATCH --gres=gpu:2", "scontrol requeue"):
+        assert line in text, line
+    assert f"cifar10:sym:0.5\\ 1\\ {root}/cifar10_sym_0.5_seed1" in text
+    assert "train_args=( --num_epochs 7 )" in text
+    assert not root.exists()  # nothing written, nothing submitted
