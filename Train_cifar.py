@@ -63,6 +63,8 @@ def get_args_parser():
     p.add_argument("--r", "--noise_ratio", default=0.5, type=float, dest="r", help="noise ratio")
     p.add_argument("--id", default="")
     p.add_argument("--seed", default=123, type=int)
+    p.add_argument("--legacy_string_seed", action="store_true",
+                   help="noise as the original drew it for an explicit --seed (seeded with its text; see README)")
     p.add_argument("--gpuid", default=0, type=int)
     p.add_argument("--num_class", default=None, type=int, help="default: 10 or 100 from --dataset")
     p.add_argument("--data_path", default="./cifar-10", type=str, help="folder holding the CIFAR python files")
@@ -236,7 +238,7 @@ def train(args, run, sources, device):
     noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
     # rank 0 reads or writes the noise file; with several processes the others get its labels
     noisy, created = on_main(dataloader_cifar.load_or_create_noise, noise_path, clean, args.r, args.noise_mode,
-                             args.num_class, args.seed)
+                             args.num_class, dataloader_cifar.noise_seed(args.seed, args.legacy_string_seed))
     run.check_labels(resume, defining, noisy, f"noise file {noise_path}")  # the labels define a run like its flags
     shard = make_shard(args.seed)
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard)

@@ -149,6 +149,15 @@ def inject_noise(clean_labels, r, noise_mode, num_class, seed):
     return labels
 
 
+def noise_seed(seed, legacy_string_seed=False):
+    """The seed of inject_noise: the integer --seed, or its text with --legacy_string_seed.
+
+    The original declares --seed without a type: its default is the integer 123, but a --seed given on its command
+    line reaches Python's random as a string, which random seeds from the string's SHA-512 and so draws other noisy
+    labels (its torch seed, int() of the string, is the same). The text reproduces those noise files."""
+    return str(seed) if legacy_string_seed else seed
+
+
 def ratio_text(r):
     """r as file names show it: one decimal where that is exact (the original's names), else every digit of r."""
     r = float(r)
@@ -376,6 +385,8 @@ def get_args_parser():
     parser.add_argument("--r", "--noise_ratio", default=0.5, type=float, dest="r", help="noise ratio")
     parser.add_argument("--noise_mode", default="sym", type=str)
     parser.add_argument("--seed", default=123, type=int)
+    parser.add_argument("--legacy_string_seed", action="store_true",
+                        help="seed the noise with the text of --seed, as the original did for an explicit --seed")
     parser.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if absent")
     return parser
 
@@ -400,7 +411,8 @@ def main(args):
     ensure_data(args.data_path, args.dataset, args.download)
     _, clean, _, _ = read_cifar(args.data_path, args.dataset)
     path = noise_file_path(args.data_path, args.r, args.noise_mode)
-    labels, created = load_or_create_noise(path, clean, args.r, args.noise_mode, NUM_CLASSES[args.dataset], args.seed)
+    labels, created = load_or_create_noise(path, clean, args.r, args.noise_mode, NUM_CLASSES[args.dataset],
+                                           noise_seed(args.seed, args.legacy_string_seed))
     changed = float(np.mean(np.asarray(labels) != clean))
     print(f"{path} ({'written' if created else 'exists, kept'}): {changed:.4f} of {len(clean)} labels changed")
 

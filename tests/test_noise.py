@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dataloader_cifar import (expected_changes, get_args_parser, inject_noise, load_or_create_noise, noise_file_path,
-                              ratio_text, validate_setting)
+                              noise_seed, ratio_text, read_cifar, validate_setting)
 from dataloader_cifar import main as noise_main
 from utils import UserError
 
@@ -230,3 +230,34 @@ def test_noise_command_writes_exact_names(tmp_path, capsys):
     noise_main(args)
     assert "0.45_sym.json (exists, kept)" in capsys.readouterr().out
     assert not (tmp_path / "0.5_sym.json").exists()
+
+
+STRING_SEED_VECTORS = json.load(open(os.path.join(os.path.dirname(__file__),
+                                                  "reference_noise_vectors_string_seed.json")))["vectors"]
+
+
+@pytest.mark.parametrize("key", sorted(STRING_SEED_VECTORS))
+def test_legacy_string_seed_reproduces_the_originals_explicit_seed(key):
+    dataset, mode, r, seed = key.split("_")
+    num_class = 10 if dataset == "cifar10" else 100
+    clean = [i % num_class for i in range(50000)]
+    noisy = inject_noise(clean, float(r), mode, num_class, noise_seed(int(seed[len("seedstr"):]), True))
+    ref = STRING_SEED_VECTORS[key]
+    assert noisy[:20] == ref["head"]
+    assert sum(a != b for a, b in zip(noisy, clean)) == ref["n_changed"]
+    assert hashlib.sha256(json.dumps(noisy).encode()).hexdigest() == ref["sha256"]
+    # off by default: the integer seed, whose labels differ
+    assert inject_noise(clean, float(r), mode, num_class, noise_seed(int(seed[len("seedstr"):]))) != noisy
+
+
+def test_noise_command_and_train_cifar_take_legacy_string_seed(tmp_path):
+    from fake_cifar import write_fake_cifar
+    import Train_cifar
+    write_fake_cifar(str(tmp_path), "cifar10", n_train=200, n_test=10)
+    noise_main(get_args_parser().parse_args(["--data_path", str(tmp_path), "--seed", "7", "--legacy_string_seed"]))
+    labels = json.load(open(noise_file_path(str(tmp_path), 0.5, "sym")))
+    clean = [int(y) for y in read_cifar(str(tmp_path), "cifar10")[1]]
+    assert labels == inject_noise(clean, 0.5, "sym", 10, "7") != inject_noise(clean, 0.5, "sym", 10, 7)
+    args = Train_cifar.get_args_parser().parse_args(["--seed", "7", "--legacy_string_seed"])
+    assert args.legacy_string_seed and noise_seed(args.seed, args.legacy_string_seed) == "7"
+    assert not Train_cifar.get_args_parser().parse_args([]).legacy_string_seed
