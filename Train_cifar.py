@@ -238,7 +238,8 @@ def train(args, run, sources, device):
     noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
     # rank 0 reads or writes the noise file; with several processes the others get its labels
     noisy, created = on_main(dataloader_cifar.load_or_create_noise, noise_path, clean, args.r, args.noise_mode,
-                             args.num_class, dataloader_cifar.noise_seed(args.seed, args.legacy_string_seed))
+                             args.num_class, dataloader_cifar.noise_seed(args.seed, args.legacy_string_seed),
+                             dataloader_cifar.asym_transition(args.dataset))
     run.check_labels(resume, defining, noisy, f"noise file {noise_path}")  # the labels define a run like its flags
     shard = make_shard(args.seed)
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard)

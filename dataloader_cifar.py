@@ -27,6 +27,9 @@ TRAIN_FILES = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)], "cifar100": 
 TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
 LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
 ASYM_TRANSITION = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # truck->automobile, bird->airplane, deer->horse, cat<->dog
+# CIFAR-100 asym as the successors define it: 20 blocks of 5 consecutive fine-label indices (not the semantic
+# superclasses), each class flipping to the next one in its block, the last back to the first.
+ASYM_TRANSITION_CIFAR100 = {c: c - c % 5 + (c + 1) % 5 for c in range(100)}
 NOISE_MODES = ("sym", "asym")
 # Numeric flags of the noise-file command; Train_cifar.py checks the same two with the same ranges.
 NOISE_FLAGS = {"r": Range(0, 1, note="the noise ratio as a fraction, e.g. --r 0.5"), "seed": SEED}
@@ -125,13 +128,19 @@ def read_cifar(data_path, dataset, num_class=None):
 
 # ----------------------------------------------------------------------------- noise
 
-def inject_noise(clean_labels, r, noise_mode, num_class, seed):
+def asym_transition(dataset):
+    """The asymmetric class map of a data set: CIFAR-10's semantic pairs, or CIFAR-100's blocks of five."""
+    return ASYM_TRANSITION_CIFAR100 if dataset == "cifar100" else ASYM_TRANSITION
+
+
+def inject_noise(clean_labels, r, noise_mode, num_class, seed, transition=None):
     """The original code's noisy labels, bit for bit, in linear time.
 
     Python's random seeded with `seed`, first use: shuffle range(N), the first int(r * N) indices are noisy;
     then in index order each noisy label is redrawn uniformly over all classes (sym) or mapped through the
-    asymmetric class transition (asym).
+    asymmetric class transition (asym; default CIFAR-10's map, the original's).
     """
+    transition = ASYM_TRANSITION if transition is None else transition
     if noise_mode not in NOISE_MODES:
         raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
     rng = random.Random(seed)
@@ -145,7 +154,7 @@ def inject_noise(clean_labels, r, noise_mode, num_class, seed):
         if noise_mode == "sym":
             labels[i] = rng.randint(0, num_class - 1)
         else:
-            labels[i] = ASYM_TRANSITION.get(labels[i], labels[i])
+            labels[i] = transition.get(labels[i], labels[i])
     return labels
 
 
@@ -172,19 +181,21 @@ def noise_file_path(data_path, r, noise_mode):
     return os.path.join(data_path, "%s_%s.json" % (ratio_text(r), noise_mode))
 
 
-def change_rate(clean_labels, noise_mode, num_class):
+def change_rate(clean_labels, noise_mode, num_class, transition=None):
     """The fraction of the labels inject_noise picks as noisy that end up changed."""
     if noise_mode == "sym":
         return (num_class - 1) / num_class  # a redrawn label keeps its class 1/C of the time
+    transition = ASYM_TRANSITION if transition is None else transition
+    moved = [c for c, to in transition.items() if to != c]
     clean = np.asarray(clean_labels)
-    return float(np.isin(clean, list(ASYM_TRANSITION)).mean()) if len(clean) else 0.0
+    return float(np.isin(clean, moved).mean()) if len(clean) else 0.0
 
 
-def expected_changes(clean_labels, r, noise_mode, num_class):
+def expected_changes(clean_labels, r, noise_mode, num_class, transition=None):
     """Mean and standard deviation of the number of labels inject_noise changes in clean_labels."""
     n = len(clean_labels)
     k = int(r * n)
-    p = change_rate(clean_labels, noise_mode, num_class)
+    p = change_rate(clean_labels, noise_mode, num_class, transition)
     if noise_mode == "sym":  # each of the k redrawn labels changes independently
         return k * p, math.sqrt(k * p * (1 - p))
     # The k noisy indices are drawn without replacement: the mapped ones among them are hypergeometric.
@@ -192,34 +203,36 @@ def expected_changes(clean_labels, r, noise_mode, num_class):
     return k * p, math.sqrt(var)
 
 
-def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class):
+def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition=None):
     """UserError when a reused noise file cannot be inject_noise's output for this r and noise mode."""
+    transition = ASYM_TRANSITION if transition is None else transition
     labels, clean = np.asarray(labels, dtype=np.int64), np.asarray(clean_labels, dtype=np.int64)
     changed = labels != clean
     fix = ("delete it to regenerate, pass the --r and --noise_mode it was made with, or give this run another "
            "--noise_file")
     if noise_mode == "asym":
-        table = np.arange(max(num_class, 10, int(clean.max(initial=0)) + 1))
-        table[list(ASYM_TRANSITION)] = list(ASYM_TRANSITION.values())
+        table = np.arange(max(num_class, max(transition) + 1, int(clean.max(initial=0)) + 1))
+        table[list(transition)] = list(transition.values())
         off = np.flatnonzero(changed & (labels != table[clean]))
         if off.size:
             i = int(off[0])
             raise UserError(f"noise file {path} changes label {i} from class {clean[i]} to {labels[i]}, which the "
-                            f"asymmetric map {ASYM_TRANSITION} never does, so it is no asym noise file: {fix}")
+                            f"asymmetric map (class {clean[i]} -> {table[clean[i]]}) never does, so it is no "
+                            f"asym noise file of this data set: {fix}")
     n = len(clean)
-    mean, sd = expected_changes(clean, r, noise_mode, num_class)
+    mean, sd = expected_changes(clean, r, noise_mode, num_class, transition)
     tolerance = NOISE_SIGMAS * sd + NOISE_SLACK
     count = int(changed.sum())
     if abs(count - mean) <= tolerance:
         return
     # The fraction of noisy labels that change: from it the r the file was probably made with.
-    rate = change_rate(clean, noise_mode, num_class)
+    rate = change_rate(clean, noise_mode, num_class, transition)
     guess = f" (it looks made with --r {count / (n * rate):.2f})" if rate > 0 and count <= n * rate else ""
     raise UserError(f"noise file {path} does not fit --r {r} --noise_mode {noise_mode}: {count / n:.4f} of its labels "
                     f"differ from the clean ones where {mean / n:.4f} +- {tolerance / n:.4f} are expected{guess}: {fix}")
 
 
-def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed):
+def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, transition=None):
     """Read the noise file if it exists (validated), else inject noise and write it. Returns (labels, created)."""
     n = len(clean_labels)
     if os.path.exists(path):
@@ -241,9 +254,9 @@ def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed):
         if bad:
             raise UserError(f"noise file {path} has labels outside 0..{num_class - 1} (e.g. {bad[0]!r}): it was "
                             "made for another dataset; delete it to regenerate")
-        check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class)
+        check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition)
         return labels, False
-    labels = inject_noise(clean_labels, r, noise_mode, num_class, seed)
+    labels = inject_noise(clean_labels, r, noise_mode, num_class, seed, transition)
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
@@ -392,16 +405,12 @@ def get_args_parser():
 
 
 def validate_setting(dataset, r, noise_mode):
-    """UserError for an unknown dataset or noise mode, a noise ratio outside [0, 1], or CIFAR-100 asym."""
+    """UserError for an unknown dataset or noise mode, or a noise ratio outside [0, 1]."""
     if dataset not in NUM_CLASSES:
         raise UserError(f"unknown --dataset {dataset!r}: use cifar10 or cifar100")
     if noise_mode not in NOISE_MODES:
         raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
     check_value("r", r, NOISE_FLAGS["r"])
-    if dataset == "cifar100" and noise_mode == "asym":
-        # ASYM_TRANSITION is CIFAR-10's class map: on CIFAR-100 it would change about 2% of the labels.
-        raise UserError("CIFAR-100 asymmetric noise is not defined yet (the asym class map is CIFAR-10's): use "
-                        "--noise_mode sym with --dataset cifar100, or --dataset cifar10 for asym")
 
 
 def main(args):
@@ -412,7 +421,8 @@ def main(args):
     _, clean, _, _ = read_cifar(args.data_path, args.dataset)
     path = noise_file_path(args.data_path, args.r, args.noise_mode)
     labels, created = load_or_create_noise(path, clean, args.r, args.noise_mode, NUM_CLASSES[args.dataset],
-                                           noise_seed(args.seed, args.legacy_string_seed))
+                                           noise_seed(args.seed, args.legacy_string_seed),
+                                           asym_transition(args.dataset))
     changed = float(np.mean(np.asarray(labels) != clean))
     print(f"{path} ({'written' if created else 'exists, kept'}): {changed:.4f} of {len(clean)} labels changed")
 

@@ -218,7 +218,6 @@ def cifar_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("script,args,needle", [
     ("Train_cifar.py", ["--seed", "-1"], f"--seed -1 is outside {SEED_TEXT}"),
-    ("Train_cifar.py", ["--dataset", "cifar100", "--noise_mode", "asym"], "CIFAR-100 asymmetric noise is not defined"),
     ("Train_clothing1M.py", ["--p_threshold", "nan"], "--p_threshold nan is not allowed: give a number in [0, 1]"),
     ("Train_webvision.py", ["--warm_up", "-1"], "--warm_up -1 is not allowed: give an integer >= 1"),
     ("dataloader_cifar.py", ["--seed", "4294967296"], f"--seed 4294967296 is outside {SEED_TEXT}"),

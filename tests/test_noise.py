@@ -5,10 +5,12 @@ import math
 import os
 import time
 
+import numpy as np
 import pytest
 
-from dataloader_cifar import (expected_changes, get_args_parser, inject_noise, load_or_create_noise, noise_file_path,
-                              noise_seed, ratio_text, read_cifar, validate_setting)
+from dataloader_cifar import (asym_transition, check_noise_fits, expected_changes, get_args_parser, inject_noise,
+                              load_or_create_noise, noise_file_path, noise_seed, ratio_text, read_cifar,
+                              validate_setting)
 from dataloader_cifar import main as noise_main
 from utils import UserError
 
@@ -215,9 +217,25 @@ def test_noise_file_of_non_integers(tmp_path, content, shown):
         load_or_create_noise(str(path), [i % 10 for i in range(20)], 0.5, "sym", 10, 1)
 
 
-def test_cifar100_asym_is_refused():
-    with pytest.raises(UserError, match="CIFAR-100 asymmetric noise is not defined yet"):
-        validate_setting("cifar100", 0.4, "asym")
+def test_cifar100_asym_flips_to_the_next_class_of_its_block_of_five(tmp_path):
+    validate_setting("cifar100", 0.4, "asym")
+    table = asym_transition("cifar100")
+    assert [table[c] for c in range(10)] == [1, 2, 3, 4, 0, 6, 7, 8, 9, 5] and table[99] == 95 and len(table) == 100
+    assert asym_transition("cifar10") == {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+    clean = [i % 100 for i in range(50000)]
+    noisy = inject_noise(clean, 0.4, "asym", 100, 123, table)
+    changed = [(c, y) for c, y in zip(clean, noisy) if c != y]
+    assert len(changed) == 20000  # every class moves: exactly int(r * N) labels
+    assert all(y == c - c % 5 + (c + 1) % 5 for c, y in changed)
+    per_class = np.bincount([c for c, _ in changed], minlength=100) / 500
+    assert abs(per_class.mean() - 0.4) < 1e-12 and per_class.min() > 0.3 and per_class.max() < 0.5
+    assert noisy == inject_noise(clean, 0.4, "asym", 100, 123, table)  # seeded
+    # the file written is accepted when reused, and a CIFAR-10 asym file is no CIFAR-100 one
+    path = str(tmp_path / "0.4_asym.json")
+    assert load_or_create_noise(path, clean, 0.4, "asym", 100, 123, table) == (noisy, True)
+    assert load_or_create_noise(path, clean, 0.4, "asym", 100, 9, table) == (noisy, False)
+    with pytest.raises(UserError, match="asymmetric map"):
+        check_noise_fits(path, noisy, clean, 0.4, "asym", 100)
     validate_setting("cifar10", 0.4, "asym")
 
 
