@@ -244,3 +244,10 @@ def test_slurm_dry_run_prints_the_job_script_and_writes_nothing(tmp_path, env):
     assert f"cifar10:sym:0.5\\ 1\\ {root}/cifar10_sym_0.5_seed1" in text
     assert "train_args=( --num_epochs 7 )" in text
     assert not root.exists()  # nothing written, nothing submitted
+
+
+def test_cifar100_asym_cells_are_planned(tmp_path, env):
+    proc = sweep(["--dry-run", "--out", tmp_path / "runs", "cifar100:asym:0.4"], env)
+    line = [x for x in proc.stdout.splitlines() if "--noise_mode asym" in x]
+    assert len(line) == 1 and "--dataset cifar100" in line[0] and "cifar100_asym_0.4_seed123" in line[0]
+    assert "original-code default, no paper preset" in line[0]
