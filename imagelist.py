@@ -11,6 +11,7 @@ for the whole run; one more than --max_bad_images stops the run with one line.
 import json
 import os
 import stat
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import AuthenticationError
@@ -267,18 +268,26 @@ class ListLoaders:
 def quiet_worker_threads(worker_id):
     """In a loader worker: no traceback when the main process stops while it fetches a batch.
 
-    A worker hands each batch's shared memory to the main process over a connection served by a thread of its own;
-    when a signal stops the main process in the middle of that hand-over, the thread's connection breaks, which
-    is no error of the run (the main process reports the stop in one line).
+    A worker hands each batch's shared memory to the main process over a connection served by a thread of its own
+    (multiprocessing's resource sharer); when a signal stops the main process in the middle of that hand-over, the
+    connection breaks, which is no error of the run (the main process reports the stop in one line). The sharer
+    thread reports its errors through sys.excepthook, other threads through threading.excepthook: both pass on
+    every exception but a broken connection to the main process.
     """
-    default = threading.excepthook
+    quiet = (ConnectionError, EOFError, AuthenticationError)
+    default_thread_hook, default_hook = threading.excepthook, sys.excepthook
 
-    def hook(args):
-        """Pass every thread exception on but a broken connection to the main process."""
-        if not issubclass(args.exc_type, (ConnectionError, EOFError, AuthenticationError)):
-            default(args)
+    def thread_hook(args):
+        """threading.excepthook without broken connections."""
+        if not issubclass(args.exc_type, quiet):
+            default_thread_hook(args)
 
-    threading.excepthook = hook
+    def hook(exc_type, exc, tb):
+        """sys.excepthook without broken connections."""
+        if not issubclass(exc_type, quiet):
+            default_hook(exc_type, exc, tb)
+
+    threading.excepthook, sys.excepthook = thread_hook, hook
 
 
 def default_num_workers():

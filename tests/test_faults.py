@@ -401,6 +401,11 @@ def test_loader_workers_keep_quiet_about_a_connection_the_stopped_main_process_b
             "quiet_worker_threads(0)\n"
             "def fail(exc):\n    raise exc\n"
             "for exc in (ConnectionResetError('peer gone'), EOFError(), ValueError('a real error')):\n"
-            "    thread = threading.Thread(target=fail, args=(exc,))\n    thread.start()\n    thread.join()\n")
+            "    thread = threading.Thread(target=fail, args=(exc,))\n    thread.start()\n    thread.join()\n"
+            # multiprocessing's resource sharer thread reports through sys.excepthook itself
+            "import sys\n"
+            "for exc in (BrokenPipeError('peer gone'), KeyError('another real error')):\n"
+            "    try:\n        fail(exc)\n    except BaseException:\n        sys.excepthook(*sys.exc_info())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.stderr.count("Traceback") == 1 and "ValueError: a real error" in proc.stderr
+    assert proc.stderr.count("Traceback") == 2, proc.stderr
+    assert "ValueError: a real error" in proc.stderr and "KeyError: 'another real error'" in proc.stderr
