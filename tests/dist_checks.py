@@ -5,6 +5,7 @@
 Every rank runs every check (collectives need all ranks); a failed check raises, so the job fails. Rank 0 writes
 the names of the checks that passed to OUT.json.
 """
+import gc
 import json
 import os
 import sys
@@ -151,6 +152,9 @@ def main():
     if get_rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(passed, f)
+    # the DDP wrappers of the checks and their communication go before the process group does, on both ranks
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
