@@ -271,7 +271,8 @@ def main_scaling(args):
         single = time_fast(arrays, args, device)
     device = init_distributed()
     local_batch_size(args.batch_size)
-    arrays = synthetic_data(args, device)
+    if arrays is None:  # rank 0 made them already, for the same device
+        arrays = synthetic_data(args, device)
     together = time_fast(arrays, args, device, make_shard(args.seed))
     if not is_main_process():
         return

@@ -133,14 +133,13 @@ def asym_transition(dataset):
     return ASYM_TRANSITION_CIFAR100 if dataset == "cifar100" else ASYM_TRANSITION
 
 
-def inject_noise(clean_labels, r, noise_mode, num_class, seed, transition=None):
+def inject_noise(clean_labels, r, noise_mode, num_class, seed, transition=ASYM_TRANSITION):
     """The original code's noisy labels, bit for bit, in linear time.
 
     Python's random seeded with `seed`, first use: shuffle range(N), the first int(r * N) indices are noisy;
     then in index order each noisy label is redrawn uniformly over all classes (sym) or mapped through the
     asymmetric class transition (asym; default CIFAR-10's map, the original's).
     """
-    transition = ASYM_TRANSITION if transition is None else transition
     if noise_mode not in NOISE_MODES:
         raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
     rng = random.Random(seed)
@@ -181,17 +180,16 @@ def noise_file_path(data_path, r, noise_mode):
     return os.path.join(data_path, "%s_%s.json" % (ratio_text(r), noise_mode))
 
 
-def change_rate(clean_labels, noise_mode, num_class, transition=None):
+def change_rate(clean_labels, noise_mode, num_class, transition=ASYM_TRANSITION):
     """The fraction of the labels inject_noise picks as noisy that end up changed."""
     if noise_mode == "sym":
         return (num_class - 1) / num_class  # a redrawn label keeps its class 1/C of the time
-    transition = ASYM_TRANSITION if transition is None else transition
     moved = [c for c, to in transition.items() if to != c]
     clean = np.asarray(clean_labels)
     return float(np.isin(clean, moved).mean()) if len(clean) else 0.0
 
 
-def expected_changes(clean_labels, r, noise_mode, num_class, transition=None):
+def expected_changes(clean_labels, r, noise_mode, num_class, transition=ASYM_TRANSITION):
     """Mean and standard deviation of the number of labels inject_noise changes in clean_labels."""
     n = len(clean_labels)
     k = int(r * n)
@@ -203,9 +201,8 @@ def expected_changes(clean_labels, r, noise_mode, num_class, transition=None):
     return k * p, math.sqrt(var)
 
 
-def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition=None):
+def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition=ASYM_TRANSITION):
     """UserError when a reused noise file cannot be inject_noise's output for this r and noise mode."""
-    transition = ASYM_TRANSITION if transition is None else transition
     labels, clean = np.asarray(labels, dtype=np.int64), np.asarray(clean_labels, dtype=np.int64)
     changed = labels != clean
     fix = ("delete it to regenerate, pass the --r and --noise_mode it was made with, or give this run another "
@@ -232,7 +229,7 @@ def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, trans
                     f"differ from the clean ones where {mean / n:.4f} +- {tolerance / n:.4f} are expected{guess}: {fix}")
 
 
-def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, transition=None):
+def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, transition=ASYM_TRANSITION):
     """Read the noise file if it exists (validated), else inject noise and write it. Returns (labels, created)."""
     n = len(clean_labels)
     if os.path.exists(path):
