@@ -20,9 +20,10 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
+from cli import run_main
 from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, broadcast_from_main, check_flags,
                    check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
-                   run_config, run_main, run_state, seed_process, sync_buffers, timed, world_size, wrap_ddp)
+                   run_config, run_state, seed_process, sync_buffers, timed, world_size, wrap_ddp)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -37,11 +38,14 @@ PAPER_PRESETS = {
     ("cifar100", "sym", 0.9): {"lambda_u": 150, "p_threshold": 0.6},
 }
 ORIGINAL_DEFAULTS = {"lambda_u": 25, "p_threshold": 0.5}
+# CIFAR-N's human labels: the settings of the independent noisypy reproduction (the CIFAR-N authors published
+# none), with the warm-up's confidence penalty.
+CIFARN_PRESET = {"lambda_u": 0, "p_threshold": 0.5}
 WARM_UP = {"cifar10": 10, "cifar100": 30}
 LR_DECAY_EPOCH = 150
 # Arguments that define a run: --resume refuses a checkpoint made with other values.
 DEFINING_ARGS = ("dataset", "r", "noise_mode", "seed", "batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T",
-                 "num_class", "warm_up", "loss_window")
+                 "num_class", "warm_up", "loss_window", "ood_ratio")
 # Allowed values of every numeric flag, checked before anything is read or written. A warm_up beyond num_epochs
 # is allowed: the run is then warm-up only.
 FLAG_RANGES = {**TRAIN_FLAGS, **dataloader_cifar.NOISE_FLAGS, "eval_batch_size": Range(1),
@@ -53,22 +57,15 @@ def get_args_parser():
     p = FlagParser(description="DivideMix on CIFAR-10/100", add_help=True)
     p.add_argument("--batch_size", default=64, type=int, help="train batch size")
     p.add_argument("--lr", "--learning_rate", default=0.02, type=float, dest="lr", help="initial learning rate")
-    p.add_argument("--noise_mode", default="sym", help="sym or asym")
     p.add_argument("--alpha", default=4, type=float, help="parameter for Beta")
     p.add_argument("--lambda_u", default=None, type=float, help="weight for unsupervised loss (default: preset)")
     p.add_argument("--p_threshold", default=None, type=float, help="clean probability threshold (default: preset)")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=300, type=int, help="last epoch (epochs 0..num_epochs are run)")
-    # torchrun's own parser takes --r for an abbreviation of its options: under torchrun write --noise_ratio
-    p.add_argument("--r", "--noise_ratio", default=0.5, type=float, dest="r", help="noise ratio")
     p.add_argument("--id", default="")
-    p.add_argument("--seed", default=123, type=int)
-    p.add_argument("--legacy_string_seed", action="store_true",
-                   help="noise as the original drew it for an explicit --seed (seeded with its text; see README)")
+    dataloader_cifar.add_noise_arguments(p)  # --dataset, --data_path, --r, --noise_mode, --seed, noise files
     p.add_argument("--gpuid", default=0, type=int)
     p.add_argument("--num_class", default=None, type=int, help="default: 10 or 100 from --dataset")
-    p.add_argument("--data_path", default="./cifar-10", type=str, help="folder holding the CIFAR python files")
-    p.add_argument("--dataset", default="cifar10", type=str, help="cifar10 or cifar100")
     p.add_argument("--warm_up", default=None, type=int, help="warm-up epochs (default: 10 cifar10, 30 cifar100)")
     p.add_argument("--loss_window", default=None, type=int,
                    help="loss vectors averaged for the GMM (default: 5 at r = 0.9, else 1)")
@@ -76,9 +73,6 @@ def get_args_parser():
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
     p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
-    p.add_argument("--noise_file", default=None, type=str,
-                   help="noisy labels to use or create (default: <data_path>/<r>_<noise_mode>.json, r with one "
-                        "decimal as in the original's name when that is exact, else every digit; no seed in it)")
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
@@ -96,20 +90,22 @@ def get_args_parser():
 def resolve_settings(args):
     """Validate the arguments and fill the preset-dependent ones; return {name: where its value came from}."""
     check_flags(args, FLAG_RANGES)
-    dataloader_cifar.validate_setting(args.dataset, args.r, args.noise_mode)
+    dataloader_cifar.resolve_noise_args(args)
     sources = {}
     # Only the paper's own r has a paper cell: --r 0.45 trains at 0.45 and gets no cell of 0.4 or 0.5.
-    preset = PAPER_PRESETS.get((args.dataset, args.noise_mode, args.r))
+    preset, preset_source = PAPER_PRESETS.get((args.dataset, args.noise_mode, args.r)), "paper preset"
+    if args.noise_mode in dataloader_cifar.CIFARN_MODES:
+        preset, preset_source = CIFARN_PRESET, "CIFAR-N preset of the noisypy reproduction"
     for name in ("lambda_u", "p_threshold"):
         if getattr(args, name) is not None:
             sources[name] = "flag"
         elif preset is not None:
             setattr(args, name, float(preset[name]))
-            sources[name] = "paper preset"
+            sources[name] = preset_source
         else:
             setattr(args, name, float(ORIGINAL_DEFAULTS[name]))
             sources[name] = "original-code default (no paper preset for this setting)"
-    window_source = ("paper preset" if preset is not None
+    window_source = ("paper preset" if preset_source == "paper preset" and preset is not None
                      else "rule: 5 at r = 0.9, else 1 (no paper cell for this setting)")
     derived = {"num_class": (dataloader_cifar.NUM_CLASSES[args.dataset], f"from --dataset {args.dataset}"),
                "warm_up": (WARM_UP[args.dataset], f"from --dataset {args.dataset}"),
@@ -126,9 +122,14 @@ def resolve_settings(args):
     return sources
 
 
-def run_prefix(dataset, r, noise_mode):
-    """The run's file prefix, e.g. cifar10_0.5_sym: the original's name for one-decimal r, every digit otherwise."""
-    return "%s_%s_%s" % (dataset, dataloader_cifar.ratio_text(r), noise_mode)
+def run_prefix(dataset, r, noise_mode, ood_ratio=0.0):
+    """The run's file prefix, e.g. cifar10_0.5_sym: the original's name for one-decimal r, every digit otherwise;
+    cifar10_worst for CIFAR-N (no r); _ood<O> appended with open-set noise (cifar10_0.2_sym_ood0.2)."""
+    if noise_mode in dataloader_cifar.CIFARN_MODES:
+        prefix = "%s_%s" % (dataset, noise_mode)
+    else:
+        prefix = "%s_%s_%s" % (dataset, dataloader_cifar.ratio_text(r), noise_mode)
+    return prefix + ("_ood" + dataloader_cifar.ratio_text(ood_ratio) if ood_ratio else "")
 
 
 def create_model(num_class, device, precision, compile_net=False):
@@ -179,6 +180,9 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     divisions = broadcast_from_main(divisions)
 
     records = [dict(d[3]) for d in divisions]
+    if data.ood_mask is not None:  # open-set images a division counts as clean
+        for record, division in zip(records, divisions):
+            record["ood_labeled"] = int((division[0][data.ood_mask] > cfg.p_threshold).sum())
     for k in (1, 0):  # the original logs net2's division first: it is the one net1 trains on
         logs.write("stats", "Numer of labeled samples:%d   AUC:%.3f\n" % (records[k]["labeled"], records[k]["auc"]))
 
@@ -211,7 +215,7 @@ def save_division(path, divisions, clean_mask, p_threshold):
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     sources = resolve_settings(args)
-    prefix = run_prefix(args.dataset, args.r, args.noise_mode)
+    prefix = run_prefix(args.dataset, args.r, args.noise_mode, args.ood_ratio)
     log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
     device = init_distributed(args.gpuid)
     local_batch_size(args.batch_size)
@@ -235,16 +239,23 @@ def train(args, run, sources, device):
     on_main(dataloader_cifar.ensure_data, args.data_path, args.dataset, args.download)  # one download, by rank 0
     # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written
     train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset, args.num_class)
-    noise_path = args.noise_file or dataloader_cifar.noise_file_path(args.data_path, args.r, args.noise_mode)
-    # rank 0 reads or writes the noise file; with several processes the others get its labels
-    noisy, created = on_main(dataloader_cifar.load_or_create_noise, noise_path, clean, args.r, args.noise_mode,
-                             args.num_class, dataloader_cifar.noise_seed(args.seed, args.legacy_string_seed),
-                             dataloader_cifar.asym_transition(args.dataset))
-    run.check_labels(resume, defining, noisy, f"noise file {noise_path}")  # the labels define a run like its flags
+    ood_images = dataloader_cifar.read_ood_source(args.ood_path, args.dataset) if args.ood_ratio else np.zeros(0)
+    # rank 0 reads or writes the noise (and replacement) file; with several processes the others get its result
+    noisy, replaced, source_index, note = on_main(dataloader_cifar.make_noise, args, train_x, clean, args.num_class,
+                                                  len(ood_images))
+    noise_path = dataloader_cifar.noise_source(args)
+    files = {"noise_file": noise_path}
+    if args.ood_ratio:
+        files["ood_file"] = dataloader_cifar.ood_file_path(args)
+        train_x[replaced] = ood_images[source_index]  # open-set images keep the label of the image they replace
+    # the labels (and the replaced images) define a run like its flags
+    run.check_labels(resume, defining, np.concatenate([noisy, replaced, source_index]) if args.ood_ratio else noisy,
+                     " and ".join(files.values()))
     shard = make_shard(args.seed)
-    data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard)
-    print(f"data: {len(data)} training images, {len(test_y)} test images on {device}; noise file {noise_path} "
-          f"({'written' if created else 'reused'}), {1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
+    data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard,
+                                      ood=replaced if args.ood_ratio else None)
+    print(f"data: {len(data)} training images, {len(test_y)} test images on {device}; {note}, "
+          f"{1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
 
     # ---- models --------------------------------------------------------------------------------------------
     nets = [create_model(args.num_class, device, precision, args.compile) for _ in range(2)]
@@ -257,7 +268,7 @@ def train(args, run, sources, device):
         histories = [list(h) for h in resume["histories"]]
     else:
         run.begin(run_config("Train_cifar.py", args, device, len(data), sources,
-                             labels_sha256=defining["labels_sha256"], noise_file=noise_path,
+                             labels_sha256=defining["labels_sha256"], **files,
                              world_size=world_size(), sync_bn=sync_bn))
     train_nets = wrap_ddp(nets, device, sync_bn)
     loss_dir = run.path("_losses")
@@ -275,7 +286,8 @@ def train(args, run, sources, device):
             phase = "warmup"
             records, timing = co_warmup(epoch, train_nets, optimizers,
                                         lambda: data.warmup_loader(args.batch_size * 2), device,
-                                        args.noise_mode == "asym", precision)
+                                        args.noise_mode == "asym" or args.noise_mode in dataloader_cifar.CIFARN_MODES,
+                                        precision)
         else:
             phase = "train"
             records, timing = co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device,

@@ -28,9 +28,9 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, train_epoch,
                        warmup_epoch)
 from PreResNet import ResNet18
+from cli import run_main
 from utils import (AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, UserError, check_flags, init_distributed,
-                   is_main_process, local_batch_size, make_shard, on_main, run_main, select_device, world_size,
-                   wrap_ddp)
+                   is_main_process, local_batch_size, make_shard, on_main, select_device, world_size, wrap_ddp)
 
 PHASES = ("warmup", "eval", "gmm", "train1", "train2", "test")
 # Allowed values of every numeric flag. The GMM needs two images at least, and the fixed half/half division

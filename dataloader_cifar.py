@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import SEED, FlagParser, Range, UserError, check_flags, check_value, run_main
+from cli import run_main
+from utils import SEED, FlagParser, Range, UserError, check_flags, check_value
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 MEAN_STD = {
@@ -30,9 +31,24 @@ ASYM_TRANSITION = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # truck->automobile, bird->air
 # CIFAR-100 asym as the successors define it: 20 blocks of 5 consecutive fine-label indices (not the semantic
 # superclasses), each class flipping to the next one in its block, the last back to the first.
 ASYM_TRANSITION_CIFAR100 = {c: c - c % 5 + (c + 1) % 5 for c in range(100)}
-NOISE_MODES = ("sym", "asym")
-# Numeric flags of the noise-file command; Train_cifar.py checks the same two with the same ranges.
-NOISE_FLAGS = {"r": Range(0, 1, note="the noise ratio as a fraction, e.g. --r 0.5"), "seed": SEED}
+# CIFAR-N (Wei et al., ICLR 2022): each human-label mode, the data set it labels, and its key in the release's
+# file (the worst labels are stored as worse_label).
+CIFARN_MODES = {"aggre": "cifar10", "worst": "cifar10", "rand1": "cifar10", "rand2": "cifar10", "rand3": "cifar10",
+                "noisy100": "cifar100"}
+CIFARN_KEYS = {"aggre": "aggre_label", "worst": "worse_label", "rand1": "random_label1", "rand2": "random_label2",
+               "rand3": "random_label3", "noisy100": "noisy_label"}
+CIFARN_FILES = {"cifar10": "CIFAR-10_human.pt", "cifar100": "CIFAR-100_human.pt"}
+# The noise rates of the released files (fraction of labels that differ from clean_label), printed beside ours.
+CIFARN_RATES = {"aggre": 0.090, "worst": 0.402, "rand1": 0.172, "rand2": 0.181, "rand3": 0.176, "noisy100": 0.402}
+SYNTHETIC_MODES = ("sym", "asym", "idn")  # noise drawn here, at the rate --r
+NOISE_MODES = SYNTHETIC_MODES + tuple(CIFARN_MODES)
+# Instance-dependent noise (Xia et al., NeurIPS 2020): per-sample flip rates from N(r, IDN_SD^2) cut to [0, 1].
+IDN_SD = 0.1
+# Open-set replacement draws from numpy's Generator seeded with (--seed, OOD_STREAM): apart from other draws.
+OOD_STREAM = 1
+# Numeric flags of the noise-file command; Train_cifar.py checks the same ones with the same ranges.
+NOISE_FLAGS = {"r": Range(0, 1, note="the noise ratio as a fraction, e.g. --r 0.5"), "seed": SEED,
+               "ood_ratio": Range(0, 1, note="the fraction of training images replaced, below 1")}
 # A reused noise file must look like inject_noise's output: its number of changed labels may stray from the
 # expected count by NOISE_SIGMAS standard deviations (a genuine file is refused with probability below 1e-8)
 # plus NOISE_SLACK labels for the discreteness of tiny training sets.
@@ -140,8 +156,8 @@ def inject_noise(clean_labels, r, noise_mode, num_class, seed, transition=ASYM_T
     then in index order each noisy label is redrawn uniformly over all classes (sym) or mapped through the
     asymmetric class transition (asym; default CIFAR-10's map, the original's).
     """
-    if noise_mode not in NOISE_MODES:
-        raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
+    if noise_mode not in ("sym", "asym"):
+        raise UserError(f"inject_noise draws sym or asym noise, not {noise_mode!r}")
     rng = random.Random(seed)
     n = len(clean_labels)
     idx = list(range(n))
@@ -175,13 +191,25 @@ def ratio_text(r):
     return format(Decimal(repr(r)), "f")
 
 
-def noise_file_path(data_path, r, noise_mode):
-    """<data_path>/<r>_<noise_mode>.json: the original code's name (0.5_sym.json) for one-decimal r."""
-    return os.path.join(data_path, "%s_%s.json" % (ratio_text(r), noise_mode))
+def noise_file_path(data_path, r, noise_mode, ood_ratio=0.0):
+    """<data_path>/<r>_<noise_mode>.json: the original code's name (0.5_sym.json) for one-decimal r; with open-set
+    noise <r>_<noise_mode>_ood<O>.json (the in-distribution noise then falls on fewer images)."""
+    suffix = "_ood" + ratio_text(ood_ratio) if ood_ratio else ""
+    return os.path.join(data_path, "%s_%s%s.json" % (ratio_text(r), noise_mode, suffix))
+
+
+def truncated_normal_mean(mean, sd, low=0.0, high=1.0):
+    """The mean of N(mean, sd^2) cut to [low, high]."""
+    a, b = (low - mean) / sd, (high - mean) / sd
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda z: (1 + math.erf(z / math.sqrt(2))) / 2  # noqa: E731
+    return mean + sd * (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))
 
 
 def change_rate(clean_labels, noise_mode, num_class, transition=ASYM_TRANSITION):
     """The fraction of the labels inject_noise picks as noisy that end up changed."""
+    if noise_mode == "idn":
+        raise ValueError("idn noise has no picked set: its change rate is that of each label, see expected_changes")
     if noise_mode == "sym":
         return (num_class - 1) / num_class  # a redrawn label keeps its class 1/C of the time
     moved = [c for c, to in transition.items() if to != c]
@@ -192,6 +220,9 @@ def change_rate(clean_labels, noise_mode, num_class, transition=ASYM_TRANSITION)
 def expected_changes(clean_labels, r, noise_mode, num_class, transition=ASYM_TRANSITION):
     """Mean and standard deviation of the number of labels inject_noise changes in clean_labels."""
     n = len(clean_labels)
+    if noise_mode == "idn":  # every label changes independently, with the mean of its flip rate's distribution
+        p = truncated_normal_mean(r, IDN_SD) if n else 0.0
+        return n * p, math.sqrt(n * p * (1 - p))
     k = int(r * n)
     p = change_rate(clean_labels, noise_mode, num_class, transition)
     if noise_mode == "sym":  # each of the k redrawn labels changes independently
@@ -223,14 +254,25 @@ def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, trans
     if abs(count - mean) <= tolerance:
         return
     # The fraction of noisy labels that change: from it the r the file was probably made with.
-    rate = change_rate(clean, noise_mode, num_class, transition)
-    guess = f" (it looks made with --r {count / (n * rate):.2f})" if rate > 0 and count <= n * rate else ""
+    rate = 1.0 if noise_mode == "idn" else change_rate(clean, noise_mode, num_class, transition)
+    guess = f" (it looks made with --r {count / (n * rate):.2f})" if n and rate > 0 and count <= n * rate else ""
     raise UserError(f"noise file {path} does not fit --r {r} --noise_mode {noise_mode}: {count / n:.4f} of its labels "
                     f"differ from the clean ones where {mean / n:.4f} +- {tolerance / n:.4f} are expected{guess}: {fix}")
 
 
-def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, transition=ASYM_TRANSITION):
-    """Read the noise file if it exists (validated), else inject noise and write it. Returns (labels, created)."""
+def draw_noise(clean_labels, r, noise_mode, num_class, seed, transition=ASYM_TRANSITION, images=None):
+    """Noisy labels of a synthetic noise mode: the original's sym/asym draws, or instance-dependent from images."""
+    if noise_mode == "idn":
+        return instance_noise(images, clean_labels, r, num_class, seed).tolist()
+    return inject_noise(clean_labels, r, noise_mode, num_class, seed, transition)
+
+
+def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, transition=ASYM_TRANSITION,
+                         images=None, keep=None):
+    """Read the noise file if it exists (validated), else draw noise and write it. Returns (labels, created).
+
+    images: the training images (idn noise needs them). keep: with open-set noise, the mask of images not
+    replaced: the noise falls on them alone, at rate r; replaced images keep their clean label."""
     n = len(clean_labels)
     if os.path.exists(path):
         try:
@@ -251,17 +293,300 @@ def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, tra
         if bad:
             raise UserError(f"noise file {path} has labels outside 0..{num_class - 1} (e.g. {bad[0]!r}): it was "
                             "made for another dataset; delete it to regenerate")
-        check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition)
+        if keep is None:
+            check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition)
+            return labels, False
+        arr, clean = np.asarray(labels, dtype=np.int64), np.asarray(clean_labels, dtype=np.int64)
+        moved = np.flatnonzero(~keep & (arr != clean))
+        if moved.size:
+            raise UserError(f"noise file {path} changes the label of image {moved[0]}, which the open-set "
+                            "replacement replaces (those keep their clean label): it was made without this "
+                            "replacement; delete it to regenerate, or pass the --ood_file it was made with")
+        check_noise_fits(path, arr[keep], clean[keep], r, noise_mode, num_class, transition)
         return labels, False
-    labels = inject_noise(clean_labels, r, noise_mode, num_class, seed, transition)
+    if keep is None:
+        labels = draw_noise(clean_labels, r, noise_mode, num_class, seed, transition, images)
+    else:
+        arr = np.asarray(clean_labels, dtype=np.int64).copy()
+        arr[keep] = draw_noise(arr[keep].tolist(), r, noise_mode, num_class, seed, transition,
+                               None if images is None else np.asarray(images)[keep])
+        labels = arr.tolist()
+    write_json(path, labels, "noise file", "make --data_path writable")
+    return labels, True
+
+
+def write_json(path, content, what, fix):
+    """Write JSON through a temporary file and a rename: a reader never sees half a file. UserError on failure."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump(labels, f)
+            json.dump(content, f)
         os.replace(tmp, path)
     except OSError as exc:
-        raise UserError(f"cannot write noise file {path} ({exc}): make --data_path writable") from None
-    return labels, True
+        raise UserError(f"cannot write {what} {path} ({exc}): {fix}") from None
+
+
+def instance_noise(images, clean_labels, r, num_class, seed):
+    """Instance-dependent noisy labels: the part-dependent generator of Xia et al. (NeurIPS 2020), vectorised.
+
+    Each sample's flip rate q is drawn from N(r, 0.1^2) cut to [0, 1]; one Gaussian projection per true class
+    scores the classes from the raw pixels (scaled to [0, 1]), the true class masked out; the noisy label is drawn
+    from q * softmax(scores), with 1 - q left on the true class. Every draw comes from numpy's Generator seeded
+    with `seed`. Returns int64 labels.
+    """
+    clean = np.asarray(clean_labels, dtype=np.int64)
+    n = len(clean)
+    if n == 0 or num_class < 2:
+        return clean.copy()
+    images = np.asarray(images)
+    rng = np.random.default_rng(seed)
+    q = rng.normal(r, IDN_SD, n)
+    outside = (q < 0) | (q > 1)
+    while outside.any():  # redrawing the values outside [0, 1] samples the truncated normal
+        q[outside] = rng.normal(r, IDN_SD, int(outside.sum()))
+        outside = (q < 0) | (q > 1)
+    features = images.reshape(n, -1)
+    scores = np.empty((n, num_class), dtype=np.float32)
+    for c in range(num_class):  # one projection per true class, drawn in class order
+        w = rng.standard_normal((features.shape[1], num_class), dtype=np.float32)
+        rows = np.flatnonzero(clean == c)
+        scores[rows] = (features[rows].astype(np.float32) / 255) @ w
+    rows = np.arange(n)
+    scores[rows, clean] = -np.inf
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    p *= (q / p.sum(axis=1))[:, None]
+    p[rows, clean] = 1 - q
+    # inverse CDF: the first class whose cumulative probability exceeds u (the last one catches rounding)
+    u = rng.random(n)
+    return (np.cumsum(p, axis=1)[:, :-1] < u[:, None]).sum(axis=1).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- CIFAR-N
+
+def _numpy_array_globals():
+    """What torch's weights-only loading must allow to rebuild numpy arrays, under numpy 1's and numpy 2's names."""
+    rebuild = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's _reconstruct
+    dtypes = [type(np.dtype(t)) for t in (np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32,
+                                          np.uint64, np.float32, np.float64, np.bool_)]
+    return [np.ndarray, np.dtype, *dtypes, (rebuild, "numpy.core.multiarray._reconstruct"),
+            (rebuild, "numpy._core.multiarray._reconstruct")]
+
+
+def cifarn_file_path(data_path, dataset, cifarn_file=None):
+    """The CIFAR-N release's file: --cifarn_file, else CIFAR-10_human.pt / CIFAR-100_human.pt in data_path."""
+    return cifarn_file or os.path.join(data_path, CIFARN_FILES[dataset])
+
+
+def read_cifarn(path, noise_mode, clean_labels, num_class):
+    """The human labels of a CIFAR-N mode, loaded without arbitrary unpickling and checked against the training
+    labels (same data set, same order). Returns a list of ints."""
+    dataset = CIFARN_MODES[noise_mode]
+    name = CIFARN_FILES[dataset]
+    if not os.path.isfile(path):
+        raise UserError(f"CIFAR-N file {path} not found: put {name} from the CIFAR-N release "
+                        "(github.com/UCSC-REAL/cifar-10-100n, data/) in --data_path, or pass --cifarn_file")
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            content = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} cannot be loaded as a CIFAR-N file with weights-only loading ({reason}): replace "
+                        f"it with {name} of the CIFAR-N release") from None
+    key = CIFARN_KEYS[noise_mode]
+    if not isinstance(content, dict) or key not in content or "clean_label" not in content:
+        found = ", ".join(map(str, content)) if isinstance(content, dict) else type(content).__name__
+        raise UserError(f"{path} holds no {key!r} and 'clean_label' (it has: {found}): give {name} of the CIFAR-N "
+                        f"release, whose {key} are the {noise_mode} labels")
+    clean = np.asarray(clean_labels, dtype=np.int64)
+    arrays = {}
+    for field in ("clean_label", key):
+        value = np.asarray(content[field])
+        if value.shape != clean.shape or value.dtype.kind not in "iu":
+            raise UserError(f"{path}: {field} is {value.dtype} {value.shape}, not {len(clean)} integer labels of "
+                            f"the training set: give {name} of the CIFAR-N release for --dataset {dataset}")
+        arrays[field] = value.astype(np.int64)
+    differ = np.flatnonzero(arrays["clean_label"] != clean)
+    if differ.size:
+        i = int(differ[0])
+        raise UserError(f"{path}: clean_label differs from the training labels read from --data_path at "
+                        f"{differ.size} images (first at {i}: {arrays['clean_label'][i]} vs {clean[i]}), so it "
+                        f"belongs to another data set or order: use {name} with the python version of {dataset}")
+    labels = arrays[key]
+    outside = labels[(labels < 0) | (labels >= num_class)]
+    if outside.size:
+        raise UserError(f"{path}: {key} has labels outside 0..{num_class - 1} (e.g. {outside[0]}): give {name} "
+                        "of the CIFAR-N release")
+    return labels.tolist()
+
+
+# ----------------------------------------------------------------------------- open-set noise
+
+def read_ood_source(path, dataset):
+    """Open-set images as N x 3 x 32 x 32 uint8: the other CIFAR's training images (a folder of its python files)
+    or the `images` array (N x 32 x 32 x 3 uint8) of an .npz."""
+    if os.path.isdir(path):
+        other = "cifar100" if dataset == "cifar10" else "cifar10"
+        missing = [f for f in TRAIN_FILES[other] if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise UserError(f"--ood_path {path} lacks {', '.join(missing)}: give the folder of {other}'s python "
+                            f"files (the open-set images of a {dataset} run) or an .npz with an `images` array")
+        return np.concatenate([_read_batch(os.path.join(path, f), LABEL_KEY[other], NUM_CLASSES[other])[0]
+                               for f in TRAIN_FILES[other]])
+    fix = "give an .npz whose `images` array is N x 32 x 32 x 3 uint8, or a folder of the other CIFAR's python files"
+    if not os.path.isfile(path):
+        raise UserError(f"--ood_path {path} does not exist: {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive.files:
+                raise UserError(f"--ood_path {path} has no `images` array (it has: {', '.join(archive.files)}): "
+                                f"{fix}")
+            images = archive["images"]
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"--ood_path {path} is not a readable .npz ({type(exc).__name__}: {exc}): {fix}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise UserError(f"--ood_path {path}: `images` is {images.dtype} {images.shape}: {fix}")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+def choose_replacement(n, ood_ratio, source_size, seed):
+    """The training images to replace (int(ood_ratio * n), sorted) and the source images replacing them, drawn
+    without repetition by numpy's Generator seeded with (seed, OOD_STREAM)."""
+    k = int(ood_ratio * n)
+    if k > source_size:
+        raise UserError(f"--ood_ratio {ood_ratio} replaces {k} training images but --ood_path holds {source_size}: "
+                        "lower --ood_ratio or give a larger source")
+    rng = np.random.default_rng([seed, OOD_STREAM])
+    replaced = np.sort(rng.choice(n, k, replace=False)).astype(np.int64)
+    return replaced, rng.choice(source_size, k, replace=False).astype(np.int64)
+
+
+def load_or_create_replacement(path, n, ood_ratio, source_size, seed, source):
+    """Read the replacement file if it exists (validated), else choose the replacement and write it.
+
+    Returns (replaced, source_index, created): int64 index arrays into the training set and the source."""
+    fix = "delete it to choose again, or pass the --ood_ratio and --ood_path it was made with"
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                content = json.load(f)
+            replaced = np.asarray(content["replaced"], dtype=np.int64)
+            source_index = np.asarray(content["source_index"], dtype=np.int64)
+            saved_ratio, saved_size = float(content["ood_ratio"]), int(content["source_size"])
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise UserError(f"replacement file {path} is not one this code writes ({type(exc).__name__}: {exc}): "
+                            "delete it to choose again") from None
+        if saved_ratio != ood_ratio:
+            raise UserError(f"replacement file {path} was made for --ood_ratio {saved_ratio:g}, not {ood_ratio:g}: "
+                            f"{fix}")
+        if saved_size != source_size:
+            raise UserError(f"replacement file {path} was made with a source of {saved_size} images, --ood_path "
+                            f"has {source_size}: {fix}")
+        k = int(ood_ratio * n)
+        valid = (replaced.shape == source_index.shape == (k,) and np.unique(replaced).size == k
+                 and (k == 0 or (replaced.min() >= 0 and replaced.max() < n and source_index.min() >= 0
+                                 and source_index.max() < source_size)))
+        if not valid:
+            raise UserError(f"replacement file {path} does not hold {k} distinct training indices below {n} with "
+                            f"source indices below {source_size}: {fix}")
+        return np.sort(replaced), source_index[np.argsort(replaced)], False
+    replaced, source_index = choose_replacement(n, ood_ratio, source_size, seed)
+    write_json(path, {"ood_ratio": ood_ratio, "source": source, "source_size": source_size, "seed": seed,
+                      "replaced": replaced.tolist(), "source_index": source_index.tolist()},
+               "replacement file", "make its folder writable or pass another --ood_file")
+    return replaced, source_index, True
+
+
+# ----------------------------------------------------------------------------- a run's noise
+
+def add_noise_arguments(parser):
+    """The flags that choose a run's noisy labels and open-set images (the noise command's and Train_cifar.py's)."""
+    parser.add_argument("--dataset", default="cifar10", type=str, help="cifar10 or cifar100")
+    parser.add_argument("--data_path", default="./cifar-10", type=str, help="folder holding the CIFAR python files")
+    # torchrun's own parser takes --r for an abbreviation of its options: under torchrun write --noise_ratio
+    parser.add_argument("--r", "--noise_ratio", default=None, type=float, dest="r",
+                        help="noise ratio (default 0.5; not with the CIFAR-N modes)")
+    parser.add_argument("--noise_mode", default="sym",
+                        help="sym, asym, idn, or CIFAR-N's aggre, worst, rand1, rand2, rand3 (cifar10), noisy100 "
+                             "(cifar100)")
+    parser.add_argument("--seed", default=123, type=int)
+    parser.add_argument("--legacy_string_seed", action="store_true",
+                        help="sym/asym noise as the original drew it for an explicit --seed (seeded with its text)")
+    parser.add_argument("--noise_file", default=None, type=str,
+                        help="noisy labels to use or create (default: <data_path>/<r>_<noise_mode>.json, r with one "
+                             "decimal as in the original's name when that is exact, else every digit; no seed in it)")
+    parser.add_argument("--cifarn_file", default=None, type=str,
+                        help="the CIFAR-N release's file (default: CIFAR-10_human.pt / CIFAR-100_human.pt in "
+                             "--data_path)")
+    parser.add_argument("--ood_ratio", default=0.0, type=float,
+                        help="open-set noise: the fraction of training images replaced by --ood_path's images")
+    parser.add_argument("--ood_path", default=None, type=str,
+                        help="open-set images: the other CIFAR's python files (a folder) or an .npz with `images`")
+    parser.add_argument("--ood_file", default=None, type=str,
+                        help="which images are replaced, to use or create (default: beside the noise file, "
+                             "<noise file>_replaced.json)")
+
+
+def resolve_noise_args(args):
+    """Check the noise flags together (UserError naming the fix) and fill --r's default where it applies."""
+    if args.r is None and args.noise_mode not in CIFARN_MODES:
+        args.r = 0.5
+    validate_setting(args.dataset, args.r, args.noise_mode, args.ood_ratio, args.ood_path, args.legacy_string_seed)
+    if args.noise_mode in CIFARN_MODES and args.noise_file:
+        raise UserError(f"--noise_file does not apply to CIFAR-N's human labels (--noise_mode {args.noise_mode}): "
+                        "give the release's file with --cifarn_file")
+    if args.ood_file and not args.ood_ratio:
+        raise UserError("--ood_file without --ood_ratio replaces nothing: give --ood_ratio O and --ood_path P")
+
+
+def noise_source(args):
+    """Where a run's labels come from: the CIFAR-N file, or the noise file to read or write."""
+    if args.noise_mode in CIFARN_MODES:
+        return cifarn_file_path(args.data_path, args.dataset, args.cifarn_file)
+    return args.noise_file or noise_file_path(args.data_path, args.r, args.noise_mode, args.ood_ratio)
+
+
+def ood_file_path(args):
+    """The replacement file: --ood_file, else beside the noise file (CIFAR-N: <data_path>/<mode>_ood<O>.json)."""
+    if args.ood_file:
+        return args.ood_file
+    if args.noise_mode in CIFARN_MODES:
+        return os.path.join(args.data_path, f"{args.noise_mode}_ood{ratio_text(args.ood_ratio)}_replaced.json")
+    stem = noise_source(args)
+    return (stem[:-len(".json")] if stem.endswith(".json") else stem) + "_replaced.json"
+
+
+def make_noise(args, images, clean_labels, num_class, source_size):
+    """A run's noisy labels and open-set replacement, read from their files or drawn and written (rank 0's part).
+
+    Returns (labels, replaced, source_index, note): replaced/source_index are int64 index arrays (empty without
+    open-set noise); note says which files were used or written."""
+    n = len(clean_labels)
+    replaced = source_index = np.zeros(0, dtype=np.int64)
+    notes = []
+    if args.ood_ratio:
+        path = ood_file_path(args)
+        replaced, source_index, created = load_or_create_replacement(path, n, args.ood_ratio, source_size, args.seed,
+                                                                     args.ood_path)
+        notes.append(f"replacement file {path} ({'written' if created else 'reused'}, {len(replaced)} images)")
+    path = noise_source(args)
+    if args.noise_mode in CIFARN_MODES:
+        labels = read_cifarn(path, args.noise_mode, clean_labels, num_class)
+        rate = float(np.mean(np.asarray(labels) != np.asarray(clean_labels))) if n else 0.0
+        notes.append(f"CIFAR-N file {path}, {args.noise_mode} labels {rate:.1%} noisy (the release's: "
+                     f"{CIFARN_RATES[args.noise_mode]:.1%})")
+        return labels, replaced, source_index, "; ".join(notes)
+    keep, r = None, args.r
+    if args.ood_ratio:  # the in-distribution noise falls on the images kept, at the rate that leaves r overall
+        keep = np.ones(n, dtype=bool)
+        keep[replaced] = False
+        r = min(1.0, args.r / (1 - args.ood_ratio))
+    labels, created = load_or_create_noise(path, clean_labels, r, args.noise_mode, num_class,
+                                           noise_seed(args.seed, args.legacy_string_seed),
+                                           asym_transition(args.dataset), images, keep)
+    notes.append(f"noise file {path} ({'written' if created else 'reused'})")
+    return labels, replaced, source_index, "; ".join(notes)
 
 
 # ----------------------------------------------------------------------------- batched augmentation
@@ -328,9 +653,9 @@ class CIFARData:
     """The CIFAR training and test sets as tensors on the training device, with DivideMix's loaders."""
 
     def __init__(self, train_images, noisy_labels, clean_labels, test_images, test_labels, dataset, device,
-                 shard=None):
+                 shard=None, ood=None):
         """Images uint8 N x 3 x 32 x 32 (numpy or tensor); labels sequences of ints; shard: the run's Shard with
-        several processes (see Batches)."""
+        several processes (see Batches); ood: indices of open-set images, counted as noisy whatever their label."""
         mean, std = MEAN_STD[dataset]
         self.device, self.shard = device, shard
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -339,6 +664,11 @@ class CIFARData:
         self.noisy_labels = torch.as_tensor(noisy_labels, dtype=torch.long).to(device)
         self.clean_labels = torch.as_tensor(clean_labels, dtype=torch.long)
         self.clean_mask = (self.noisy_labels.cpu() == self.clean_labels).numpy()
+        self.ood_mask = None
+        if ood is not None:
+            self.ood_mask = np.zeros(len(self.clean_mask), dtype=bool)
+            self.ood_mask[np.asarray(ood, dtype=np.int64)] = True
+            self.clean_mask &= ~self.ood_mask
         self.test_images = torch.as_tensor(test_images, dtype=torch.uint8).to(device)
         self.test_labels = torch.as_tensor(test_labels, dtype=torch.long).to(device)
         self.all_indices = torch.arange(len(self.noisy_labels), device=device)
@@ -389,39 +719,56 @@ class CIFARData:
 
 def get_args_parser():
     """Arguments of the noise-file command."""
-    parser = FlagParser(description="Write a CIFAR noise file without training.")
-    parser.add_argument("--dataset", default="cifar10", type=str)
-    parser.add_argument("--data_path", default="./cifar-10", type=str)
-    parser.add_argument("--r", "--noise_ratio", default=0.5, type=float, dest="r", help="noise ratio")
-    parser.add_argument("--noise_mode", default="sym", type=str)
-    parser.add_argument("--seed", default=123, type=int)
-    parser.add_argument("--legacy_string_seed", action="store_true",
-                        help="seed the noise with the text of --seed, as the original did for an explicit --seed")
+    parser = FlagParser(description="Write a CIFAR noise file (and open-set replacement file) without training.")
+    add_noise_arguments(parser)
     parser.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if absent")
     return parser
 
 
-def validate_setting(dataset, r, noise_mode):
-    """UserError for an unknown dataset or noise mode, or a noise ratio outside [0, 1]."""
+def validate_setting(dataset, r, noise_mode, ood_ratio=0.0, ood_path=None, legacy_string_seed=False):
+    """UserError for an unknown dataset or noise mode, a noise ratio outside [0, 1], or flags that do not go
+    together (CIFAR-N modes take no r and label one data set; open-set noise needs its source)."""
     if dataset not in NUM_CLASSES:
         raise UserError(f"unknown --dataset {dataset!r}: use cifar10 or cifar100")
     if noise_mode not in NOISE_MODES:
         raise UserError(f"unknown --noise_mode {noise_mode!r}: use one of {', '.join(NOISE_MODES)}")
-    check_value("r", r, NOISE_FLAGS["r"])
+    if noise_mode in CIFARN_MODES:
+        if CIFARN_MODES[noise_mode] != dataset:
+            raise UserError(f"--noise_mode {noise_mode} is CIFAR-N's human labels of {CIFARN_MODES[noise_mode]}, "
+                            f"not {dataset}: use --dataset {CIFARN_MODES[noise_mode]}, or "
+                            f"{'noisy100' if dataset == 'cifar100' else 'aggre, worst, rand1, rand2 or rand3'}")
+        if r is not None:
+            raise UserError(f"--r does not apply to CIFAR-N's human labels (--noise_mode {noise_mode}): the file "
+                            "fixes the noise; drop --r")
+    else:
+        check_value("r", r, NOISE_FLAGS["r"])
+    if legacy_string_seed and noise_mode not in ("sym", "asym"):
+        raise UserError(f"--legacy_string_seed reproduces the original's sym and asym noise, not --noise_mode "
+                        f"{noise_mode}: drop it")
+    check_value("ood_ratio", ood_ratio, NOISE_FLAGS["ood_ratio"])
+    if ood_ratio >= 1:
+        raise UserError(f"--ood_ratio {ood_ratio:g} would replace every training image: give a fraction below 1")
+    if ood_ratio and not ood_path:
+        raise UserError(f"--ood_ratio {ood_ratio:g} needs --ood_path: the folder of CIFAR-100's python files "
+                        "(training on cifar10) or an .npz whose `images` are N x 32 x 32 x 3 uint8")
+    if ood_path and not ood_ratio:
+        raise UserError("--ood_path without --ood_ratio replaces nothing: give --ood_ratio O (e.g. 0.2)")
+    if ood_ratio and noise_mode not in CIFARN_MODES and r > 1 - ood_ratio:
+        raise UserError(f"--r {r:g} with --ood_ratio {ood_ratio:g} asks for more noisy labels than images left "
+                        f"(r / (1 - ood_ratio) > 1): lower --r or --ood_ratio")
 
 
 def main(args):
-    """Write (or reuse) <data_path>/<r>_<mode>.json and report the fraction of changed labels."""
+    """Write (or reuse) the noise file, and the replacement file of open-set noise; report the noise."""
     check_flags(args, NOISE_FLAGS)
-    validate_setting(args.dataset, args.r, args.noise_mode)
+    resolve_noise_args(args)
     ensure_data(args.data_path, args.dataset, args.download)
-    _, clean, _, _ = read_cifar(args.data_path, args.dataset)
-    path = noise_file_path(args.data_path, args.r, args.noise_mode)
-    labels, created = load_or_create_noise(path, clean, args.r, args.noise_mode, NUM_CLASSES[args.dataset],
-                                           noise_seed(args.seed, args.legacy_string_seed),
-                                           asym_transition(args.dataset))
+    images, clean, _, _ = read_cifar(args.data_path, args.dataset)
+    source_size = len(read_ood_source(args.ood_path, args.dataset)) if args.ood_ratio else 0
+    labels, replaced, _, note = make_noise(args, images, clean, NUM_CLASSES[args.dataset], source_size)
     changed = float(np.mean(np.asarray(labels) != clean))
-    print(f"{path} ({'written' if created else 'exists, kept'}): {changed:.4f} of {len(clean)} labels changed")
+    ood = f", {len(replaced)} images replaced by open-set ones" if len(replaced) else ""
+    print(f"{note}: {changed:.4f} of {len(clean)} labels changed{ood}")
 
 
 if __name__ == "__main__":

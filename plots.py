@@ -3,11 +3,12 @@
     python plots.py runs/ [--out_dir plots] [--epochs 10 100 300]
 
 Written into --out_dir:
-  acc_<cell>.png                       accuracy over epochs, one line per seed, the paper's numbers dashed
+  acc_<cell>.png                       accuracy over epochs, one line per seed, the published numbers dashed
   losses_<run>_epoch_<E>.png           (CIFAR) per net: histogram of the normalised per-sample loss (the GMM
                                        input) split by the true clean/noisy mask, the two fitted Gaussians and
                                        the threshold, as in the paper's Figure 1
   division_<run>.png                   labeled-set size, precision and AUC of each net's division over epochs
+                                       (open-set runs: also the replaced images it labeled)
 Figures are drawn with matplotlib's object interface on the Agg canvas: no display, no global pyplot state.
 """
 import argparse
@@ -20,8 +21,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import report
-from utils import run_main
+from cli import run_main
+from published import PAPER_CLOTHING1M_TEST, PAPER_WEBVISION, SOURCES, cifar_published
+from rundirs import cell_name, find_runs, fmt_num, group_runs
 
 MAX_SNAPSHOTS = 5  # loss-histogram epochs drawn per run when --epochs is not given
 ACC_CURVES = {
@@ -29,7 +31,9 @@ ACC_CURVES = {
     "clothing1m": (("val_acc1", "val net1", "-"), ("val_acc2", "val net2", "--")),
     "webvision": (("webvision_top1", "WebVision top-1", "-"), ("imagenet_top1", "ImageNet top-1", "--")),
 }
-DIVISION_PANELS = (("labeled", "labeled samples"), ("precision", "precision of labeled set"), ("auc", "AUC"))
+# ood_labeled (open-set runs only): replaced images the division put in the labeled set.
+DIVISION_PANELS = (("labeled", "labeled samples"), ("precision", "precision of labeled set"), ("auc", "AUC"),
+                   ("ood_labeled", "open-set images labeled"))
 
 
 def save(fig, path):
@@ -46,18 +50,14 @@ def slug(text):
 
 def group_slugs(groups):
     """File-name stem per group key: the cell alone, plus the settings when two groups share a cell."""
-    base = {}
-    for key, _ in groups:
-        kind, dataset, mode, r = key[:4]
-        base[key] = f"{dataset}_{mode}_{r:g}" if kind == "cifar" else str(dataset)
+    base = {key: cell_name(key) for key, _ in groups}
     counts = {}
     for stem in base.values():
         counts[stem] = counts.get(stem, 0) + 1
     out = {}
     for key, stem in base.items():
         if counts[stem] > 1:
-            lambda_u, p_threshold, num_epochs = key[4:]
-            stem += "_lu%s_p%s_e%d" % (report.fmt_num(lambda_u), report.fmt_num(p_threshold), num_epochs)
+            stem += "_lu%s_p%s_e%d" % (fmt_num(key.lambda_u), fmt_num(key.p_threshold), key.num_epochs)
         out[key] = slug(stem)
     return out
 
@@ -78,18 +78,32 @@ def run_labels(groups, stems):
 
 def cell_title(key):
     """Human-readable title of a group."""
-    kind, dataset, mode, r, lambda_u, p_threshold, num_epochs = key
-    if kind == "cifar":
-        return "%s %s %g%% (lambda_u %s, tau %s)" % (dataset, mode, r * 100, report.fmt_num(lambda_u),
-                                                    report.fmt_num(p_threshold))
-    return str(dataset)
+    if key.kind != "cifar":
+        return str(key.dataset)
+    noise = key.mode if key.r is None else "%s %g%%" % (key.mode, key.r * 100)
+    open_set = ", open-set %g%%" % (key.ood_ratio * 100) if key.ood_ratio else ""
+    return "%s %s%s (lambda_u %s, tau %s)" % (key.dataset, noise, open_set, fmt_num(key.lambda_u),
+                                             fmt_num(key.p_threshold))
+
+
+def published_lines(key):
+    """[(legend name, accuracy)] drawn as horizontal lines on a group's accuracy figure (at most two)."""
+    if key.kind == "clothing1m":
+        return [("paper test", PAPER_CLOTHING1M_TEST)]
+    if key.kind == "webvision":
+        return [("paper WebVision top-1", PAPER_WEBVISION["webvision_top1"]),
+                ("paper ImageNet top-1", PAPER_WEBVISION["imagenet_top1"])]
+    published = cifar_published(key.dataset, key.mode, key.r, key.ood_ratio)
+    if published and published[0].source == "dividemix":
+        return [("paper best", published[0].best), ("paper last 10", published[0].last)]
+    return [(f"{SOURCES[p.source][0]} best", p.best) for p in published]
 
 
 # ----------------------------------------------------------------------------- (a) accuracy
 
 def accuracy_figure(key, members):
     """Accuracy over epochs of every run of a group, one colour per seed; paper numbers as dashed lines."""
-    kind = key[0]
+    kind = key.kind
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
     colours = [f"C{i % 10}" for i in range(len(members))]
@@ -100,12 +114,7 @@ def accuracy_figure(key, members):
                 x, y = zip(*points)
                 suffix = "" if run.finished else " (unfinished)"
                 ax.plot(x, y, style, color=colour, lw=1.2, label=f"seed {run.seed} {name}{suffix}")
-    paper = {"cifar": [("paper best", report.PAPER_CIFAR.get(key[1:4], (None, None))[0]),
-                       ("paper last 10", report.PAPER_CIFAR.get(key[1:4], (None, None))[1])],
-             "clothing1m": [("paper test", report.PAPER_CLOTHING1M_TEST)],
-             "webvision": [("paper WebVision top-1", report.PAPER_WEBVISION["webvision_top1"]),
-                           ("paper ImageNet top-1", report.PAPER_WEBVISION["imagenet_top1"])]}[kind]
-    for (name, value), (colour, style) in zip(paper, (("k", "--"), ("dimgray", ":"))):
+    for (name, value), (colour, style) in zip(published_lines(key), (("k", "--"), ("dimgray", ":"))):
         if value is not None:
             ax.axhline(value, color=colour, ls=style, lw=1.0, label=f"{name} {value:.2f}")
     ax.set_xlabel("epoch")
@@ -208,7 +217,7 @@ def choose_epochs(available, wanted, label):
 # ----------------------------------------------------------------------------- (c) division quality
 
 def division_figure(run, title):
-    """Labeled-set size, precision and AUC of each net's division over epochs (None without divisions)."""
+    """Labeled-set size, precision, AUC (and open-set images labeled) of each net's divisions; None without any."""
     panels = [(f, name) for f, name in DIVISION_PANELS
               if any(isinstance(rec.get(f"net{k}", {}).get(f), (int, float)) for rec in run.records for k in (1, 2))]
     if not panels:
@@ -236,7 +245,7 @@ def division_figure(run, title):
 def make_plots(runs, out_dir, epochs=None):
     """Draw every plot for the runs into out_dir; returns the written paths in order."""
     os.makedirs(out_dir, exist_ok=True)
-    groups = report.group_runs(runs)
+    groups = group_runs(runs)
     stems = group_slugs(groups)
     labels = run_labels(groups, stems)
     written = []
@@ -269,7 +278,7 @@ def get_args_parser():
 
 def main(args):
     """Find the runs and draw their plots."""
-    written = make_plots(report.find_runs(args.runs), args.out_dir, args.epochs)
+    written = make_plots(find_runs(args.runs), args.out_dir, args.epochs)
     for path in written:
         print(path)
     return 0

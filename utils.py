@@ -25,55 +25,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The errors live in the torch-free cli.py (with run_main); the scripts keep importing them from here.
+from cli import STOP_SIGNALS, Interrupted, ReportedOnRankZero, UserError
+
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
 # errno values of a write that failed for want of space or permission on the output's file system.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
-
-
-class ReportedOnRankZero(UserError):
-    """A user error rank 0 found and reported for the whole job: the other ranks exit 2 without a line."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived. A KeyboardInterrupt: no `except Exception` swallows it, and DataLoader worker
-    processes (which inherit the handler) leave quietly, as they do on Ctrl-C."""
-
-    def __init__(self, signum, note="nothing of a run had been written yet"):
-        """signum: the signal; note: what was kept and how to continue (filled in by the run folder)."""
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.note = signum, note
-
-
-def _raise_interrupted(signum, frame):
-    """Signal handler: stop the main thread where it is; the run folder finishes what must be finished."""
-    raise Interrupted(signum)
-
-
-def run_main(main, args):
-    """Call main(args). UserError: one line, exit 2. SIGINT / SIGTERM: one line, exit 130 / 143. No traceback."""
-    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
-    # Under torchrun every rank's stderr reaches the console: a rank other than 0 says which it is.
-    who = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" else ""
-    try:
-        return main(args)
-    except ReportedOnRankZero:
-        sys.exit(2)
-    except UserError as exc:
-        print(f"error: {who}{exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except Interrupted as exc:
-        print(f"stopped by {exc}: {who}{exc.note}", file=sys.stderr, flush=True)
-        sys.exit(128 + exc.signum)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 class FlagParser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import plots  # noqa: E402  (needs the repository on sys.path first)
 import report  # noqa: E402
+from rundirs import find_runs, group_runs  # noqa: E402
 from synthetic_runs import write_demo  # noqa: E402
 
 
@@ -32,10 +33,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = os.path.join(tmp, "runs")
         write_demo(runs_dir)
-        runs = report.find_runs([runs_dir])
+        runs = find_runs([runs_dir])
         print(report.render_markdown(report.build_rows(runs)), end="")
-        groups = report.group_runs(runs)
-        key, members = next((k, m) for k, m in groups if k[1:4] == ("cifar10", "sym", 0.5))
+        groups = group_runs(runs)
+        key, members = next((k, m) for k, m in groups if (k.dataset, k.mode, k.r) == ("cifar10", "sym", 0.5))
         plots.save(stamp(plots.accuracy_figure(key, members)), os.path.join(docs, "sweeps_example_acc.png"))
         run = members[0]
         with np.load(plots.snapshot_epochs(run)[15]) as data:

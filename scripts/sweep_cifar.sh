@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# Run the CIFAR cells of the paper's Table 1 with the paper presets, one run directory per cell and seed.
+# Run CIFAR cells, by default the paper's Table 1, with their presets: one run directory per cell and seed.
 #
 #   scripts/sweep_cifar.sh [options] [CELL ...] [-- TRAIN_CIFAR_ARGS ...]
 #
-# CELL is dataset:mode:r, e.g. cifar10:sym:0.5 (default: all nine Table 1 cells).
+# CELL (default: all nine Table 1 cells) is one of
+#   dataset:mode:r        synthetic noise at rate r: mode sym, asym or idn, e.g. cifar10:sym:0.5, cifar100:idn:0.4
+#   dataset:mode          CIFAR-N human labels, no r: cifar10 with aggre, worst, rand1, rand2 or rand3;
+#                         cifar100 with noisy100, e.g. cifar10:worst (labels: CIFAR-10_human.pt in --cifar10_path,
+#                         CIFAR-100_human.pt in --cifar100_path)
+# either followed by :oodO for open-set noise, O in (0, 1) of the training images replaced by images from
+# --ood_path, e.g. cifar10:sym:0.2:ood0.2 or cifar10:aggre:ood0.1.
 # Options:
 #   --seeds S ...         seeds to run for every cell (default: 123)
 #   --cifar10_path DIR    CIFAR-10 python files (default: ./cifar-10)
 #   --cifar100_path DIR   CIFAR-100 python files (default: ./cifar-100)
 #   --out ROOT            parent of the run directories (default: ./runs)
+#   --ood_path P          images of the open-set cells (passed on as --ood_path P --ood_ratio O): a folder with
+#                         the other CIFAR's python files, or an .npz; needed when a cell has :oodO
 #   --gpus G ...          one worker per GPU id (default: $CUDA_VISIBLE_DEVICES, else nvidia-smi's GPUs,
 #                         else one slot that leaves the device choice to Train_cifar.py)
 #   --dry-run             print the commands (with their GPU) and run nothing
@@ -24,8 +32,10 @@
 # $TRAIN_SCRIPT replaces Train_cifar.py as the script run (the tests use a fake one; presets still come from
 # Train_cifar.py).
 #
-# Run directory: ROOT/<dataset>_<mode>_<r>_seed<S>, holding the run's logs, checkpoint, its own noise file
-# noise_<r>_<mode>.json (so seeds do not share one noise draw) and train.log (stdout and stderr, appended).
+# Run directory: ROOT/<dataset>_<mode>_<r>_seed<S> (CIFAR-N: ROOT/<dataset>_<mode>_seed<S>; open-set cells add
+# _ood<O> before _seed), holding the run's logs, checkpoint, its own noise file noise_<r>_<mode>.json (with
+# _ood<O> before .json for open-set cells; none for CIFAR-N, whose labels are given) so seeds do not share one
+# noise draw, and train.log (stdout and stderr, appended).
 # A run whose log reaches its num_epochs is skipped; one with a checkpoint is resumed with --resume.
 # Exit status: 0 when every run succeeded, 1 when one failed, 2 for a usage error.
 set -uo pipefail
@@ -46,6 +56,7 @@ train_args=()
 cifar10_path=./cifar-10
 cifar100_path=./cifar-100
 root=./runs
+ood_path=
 dry_run=0
 gpus_given=0
 slurm=0
@@ -69,12 +80,13 @@ while (($#)); do
             while (($#)) && [[ $1 != -* && $1 != *:* ]]; do gpus+=("$1"); shift; done
             ((${#gpus[@]})) || usage_error "--gpus needs at least one GPU id, e.g. --gpus 0 1"
             ;;
-        --cifar10_path|--cifar100_path|--out|--partition|--time|--gpus_per_task|--warn_seconds|--sbatch_args)
+        --cifar10_path|--cifar100_path|--out|--ood_path|--partition|--time|--gpus_per_task|--warn_seconds|--sbatch_args)
             (($# >= 2)) || usage_error "$1 needs a value"
             case $1 in
                 --cifar10_path) cifar10_path=$2 ;;
                 --cifar100_path) cifar100_path=$2 ;;
                 --out) root=$2 ;;
+                --ood_path) ood_path=$2 ;;
                 --partition) partition=$2 ;;
                 --time) time_limit=$2 ;;
                 --gpus_per_task) gpus_per_task=$2 ;;
@@ -101,8 +113,11 @@ fi
 # The sweep owns these flags: a pass-through copy would silently contradict the run directory's name.
 for a in "${train_args[@]+"${train_args[@]}"}"; do
     case ${a%%=*} in
-        --dataset|--r|--noise_ratio|--noise_mode|--seed|--data_path|--output_dir|--noise_file|--gpuid|--resume)
+        --dataset|--r|--noise_ratio|--noise_mode|--seed|--data_path|--output_dir|--noise_file|--gpuid|--resume|\
+        --ood_ratio)
             usage_error "${a%%=*} is set by the sweep per run; leave it out of the arguments after --" ;;
+        --ood_path)
+            usage_error "--ood_path is a sweep option: give it before the cells, not after --" ;;
     esac
 done
 
@@ -120,7 +135,7 @@ command -v "$PY" >/dev/null 2>&1 || usage_error "Python interpreter '$PY' not fo
 
 # The plan (cells, presets, run states) is computed in Python: JSON logs and the preset table are read there.
 # Train_cifar.py is parsed, not imported, so a dry run does not pay for importing torch.
-plan=$("$PY" - "$REPO/Train_cifar.py" "$root" "${#seeds[@]}" "${seeds[@]}" "${#train_args[@]}" \
+plan=$("$PY" - "$REPO/Train_cifar.py" "$REPO/dataloader_cifar.py" "$root" "$ood_path" "${#seeds[@]}" "${seeds[@]}" "${#train_args[@]}" \
     "${train_args[@]+"${train_args[@]}"}" "${cells[@]+"${cells[@]}"}" <<'PYEOF'
 import ast
 import json
@@ -129,6 +144,7 @@ import sys
 from decimal import Decimal
 
 SEED_MAX = 2 ** 32 - 1
+SYNTHETIC_MODES = ("sym", "asym", "idn")  # noise drawn at the rate r; the CIFAR-N modes come from the repository
 TABLE1 = ["cifar10:sym:0.2", "cifar10:sym:0.5", "cifar10:sym:0.8", "cifar10:sym:0.9", "cifar10:asym:0.4",
           "cifar100:sym:0.2", "cifar100:sym:0.5", "cifar100:sym:0.8", "cifar100:sym:0.9"]
 
@@ -139,38 +155,60 @@ def fail(message):
     sys.exit(2)
 
 
-def read_constants(path, names):
-    """Literal module-level assignments of Train_cifar.py, read without importing it."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
+def read_constants(paths, names):
+    """Literal module-level assignments, read without importing the files; the first file defining a name wins."""
     found = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in names:
-                found[node.targets[0].id] = ast.literal_eval(node.value)
+    for path in paths:
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                name = node.targets[0].id
+                if name in names and name not in found:
+                    found[name] = ast.literal_eval(node.value)
     missing = set(names) - set(found)
     if missing:
-        fail(f"{path} does not define {', '.join(sorted(missing))}")
+        fail(f"{' and '.join(paths)} do not define {', '.join(sorted(missing))}")
     return found
 
 
-def parse_cell(text):
-    """'cifar10:sym:0.5' -> ('cifar10', 'sym', 0.5)."""
+def parse_cell(text, cifarn_modes):
+    """'cifar10:sym:0.5' -> ('cifar10', 'sym', 0.5, 0.0); 'cifar10:worst:ood0.1' -> ('cifar10', 'worst', None, 0.1)."""
+    form = ("is not dataset:mode:r or dataset:mode (CIFAR-N), optionally followed by :ood<ratio>, e.g. "
+            "cifar10:sym:0.5, cifar10:worst or cifar10:sym:0.2:ood0.2")
     parts = text.split(":")
-    if len(parts) != 3:
-        fail(f"cell {text!r} is not dataset:mode:r, e.g. cifar10:sym:0.5")
-    dataset, mode, r = parts
+    ood = 0.0
+    if len(parts) > 2 and parts[-1].startswith("ood"):
+        try:
+            ood = float(parts.pop()[3:])
+        except ValueError:
+            ood = -1.0
+        if not 0.0 < ood < 1.0:
+            fail(f"cell {text!r}: the open-set ratio must be a number strictly between 0 and 1, e.g. :ood0.2")
+    if len(parts) not in (2, 3) or not all(parts):
+        fail(f"cell {text!r} {form}")
+    dataset, mode = parts[:2]
     if dataset not in ("cifar10", "cifar100"):
         fail(f"cell {text!r}: dataset must be cifar10 or cifar100")
-    if mode not in ("sym", "asym"):
-        fail(f"cell {text!r}: noise mode must be sym or asym")
+    if mode in cifarn_modes:
+        if cifarn_modes[mode] != dataset:
+            fail(f"cell {text!r}: the CIFAR-N labels {mode} belong to {cifarn_modes[mode]}: "
+                 f"write {cifarn_modes[mode]}:{mode}")
+        if len(parts) == 3:
+            fail(f"cell {text!r}: CIFAR-N labels bring their own noise, so the cell takes no r: write {dataset}:{mode}")
+        return dataset, mode, None, ood
+    if mode not in SYNTHETIC_MODES:
+        fail(f"cell {text!r}: noise mode must be {', '.join(SYNTHETIC_MODES)} (with r) or one of the CIFAR-N label "
+             f"sets {', '.join(cifarn_modes)} (without r)")
+    if len(parts) == 2:
+        fail(f"cell {text!r}: {mode} noise needs its rate r: write {dataset}:{mode}:r, e.g. {dataset}:{mode}:0.4")
     try:
-        r = float(r)
+        r = float(parts[2])
     except ValueError:
         fail(f"cell {text!r}: r must be a number in [0, 1]")
     if not 0.0 <= r <= 1.0:
         fail(f"cell {text!r}: r must be in [0, 1]")
-    return dataset, mode, r
+    return dataset, mode, r, ood
 
 
 def exact_text(r):
@@ -181,6 +219,17 @@ def exact_text(r):
 def ratio_text(r):
     """r in Train_cifar.py's file prefix (dataloader_cifar.ratio_text): one decimal where exact, else every digit."""
     return "%.1f" % r if r == round(r, 1) else exact_text(r)
+
+
+def short_text(r):
+    """A ratio in run directory names and on the command line: %g where exact, as before, else every digit."""
+    return f"{r:g}" if float(f"{r:g}") == r else exact_text(r)
+
+
+def run_prefix(dataset, mode, r, ood):
+    """Train_cifar.run_prefix: cifar10_0.5_sym, cifar10_worst (CIFAR-N), `_ood<O>` appended for open-set noise."""
+    prefix = f"{dataset}_{mode}" if r is None else f"{dataset}_{ratio_text(r)}_{mode}"
+    return prefix + (f"_ood{ratio_text(ood)}" if ood else "")
 
 
 def flag_value(args, name):
@@ -242,17 +291,18 @@ def run_state(run_dir, prefix, num_epochs_flag):
 
 
 def main(argv):
-    """Print one tab-separated plan line per (cell, seed)."""
-    train_cifar, root = argv[0], argv[1]
-    n_seeds = int(argv[2])
-    seeds = [int(s) for s in argv[3:3 + n_seeds]]
+    """Print one tab-separated plan line per (cell, seed); '-' stands for an absent r or open-set ratio."""
+    train_cifar, dataloader, root, ood_path = argv[:4]
+    n_seeds = int(argv[4])
+    seeds = [int(s) for s in argv[5:5 + n_seeds]]
     for seed in seeds:
         if not 0 <= seed <= SEED_MAX:  # Train_cifar.py's range: numpy is seeded from --seed
             fail(f"--seeds {seed} is outside 0..{SEED_MAX}: give integers in that range")
-    rest = argv[3 + n_seeds:]
+    rest = argv[5 + n_seeds:]
     n_train = int(rest[0])
     train_args, cell_args = rest[1:1 + n_train], rest[1 + n_train:]
-    consts = read_constants(train_cifar, ("PAPER_PRESETS", "ORIGINAL_DEFAULTS"))
+    consts = read_constants([train_cifar, dataloader],
+                            ("PAPER_PRESETS", "ORIGINAL_DEFAULTS", "CIFARN_PRESET", "CIFARN_MODES"))
     presets, defaults = consts["PAPER_PRESETS"], consts["ORIGINAL_DEFAULTS"]
     num_epochs_flag = flag_value(train_args, "--num_epochs")
     if num_epochs_flag is not None and not (num_epochs_flag.isdigit() and num_epochs_flag.isascii()):
@@ -260,25 +310,35 @@ def main(argv):
     overridden = {n: flag_value(train_args, "--" + n) for n in ("lambda_u", "p_threshold")}
     cells = []
     for text in cell_args or TABLE1:
-        cell = parse_cell(text)
+        cell = parse_cell(text, consts["CIFARN_MODES"])
+        if cell[3] and not ood_path:
+            fail(f"cell {text!r} asks for open-set noise: give --ood_path P (a folder with the other CIFAR's "
+                 "python files, or an .npz)")
         if cell not in cells:
             cells.append(cell)
-    for dataset, mode, r in cells:
-        preset = presets.get((dataset, mode, r))  # as Train_cifar.py: only the paper's own r has its cell
-        source = "paper preset" if preset else "original-code default, no paper preset"
+    for dataset, mode, r, ood in cells:
+        if r is None:
+            preset, source = consts["CIFARN_PRESET"], "CIFAR-N preset (noisypy reproduction)"
+        else:
+            preset = presets.get((dataset, mode, r))  # as Train_cifar.py: only the paper's own r has its cell
+            source = "paper preset" if preset else "original-code default, no paper preset"
         values = dict(preset or defaults)
         for name, value in overridden.items():
             if value is not None:
                 values[name] = value
                 source = "set after --"
-        # The run directory's r (and the --r passed on): short where %g is exact, as before, else every digit.
-        r_text = f"{r:g}" if float(f"{r:g}") == r else exact_text(r)
-        prefix = "%s_%s_%s" % (dataset, ratio_text(r), mode)
+        r_text = "-" if r is None else short_text(r)
+        ood_text = short_text(ood) if ood else "-"
+        # The run directory and the cell handed to a SLURM task name the same fields in the same order.
+        fields = [dataset, mode] + ([] if r is None else [r_text])
+        cell_text = ":".join(fields) + (f":ood{ood_text}" if ood else "")
+        stem = "_".join(fields) + (f"_ood{ood_text}" if ood else "")
+        prefix = run_prefix(dataset, mode, r, ood)
         for seed in seeds:
-            run_dir = os.path.join(root, f"{dataset}_{mode}_{r_text}_seed{seed}")
+            run_dir = os.path.join(root, f"{stem}_seed{seed}")
             state, note = run_state(run_dir, prefix, num_epochs_flag)
-            print("\t".join([state, run_dir, dataset, mode, r_text, str(seed), str(values["lambda_u"]),
-                             str(values["p_threshold"]), source, note]))
+            print("\t".join([state, run_dir, cell_text, dataset, mode, r_text, ood_text, str(seed),
+                             str(values["lambda_u"]), str(values["p_threshold"]), source, note]))
 
 
 main(sys.argv[1:])
@@ -293,21 +353,28 @@ run_cells=()
 run_seeds=()
 blocked=()
 n_finished=0
-while IFS=$'\t' read -r state run_dir dataset mode r seed lambda_u p_threshold source note; do
+while IFS=$'\t' read -r state run_dir cell dataset mode r ood seed lambda_u p_threshold source note; do
     [[ -n $state ]] || continue
     case $state in
         finished) echo "# skip $run_dir: finished ($note)"; n_finished=$((n_finished + 1)); continue ;;
         blocked) echo "# blocked: $note" >&2; blocked+=("$run_dir"); continue ;;
     esac
     if [[ $dataset == cifar10 ]]; then data_path=$cifar10_path; else data_path=$cifar100_path; fi
-    cmd=(--dataset "$dataset" --noise_mode "$mode" --r "$r" --seed "$seed" --data_path "$data_path"
-         --output_dir "$run_dir" --noise_file "$run_dir/noise_${r}_${mode}.json" --gpuid 0)
+    # CIFAR-N cells (r '-') have no --r and no noise file: Train_cifar.py refuses both with human labels.
+    ood_suffix=
+    [[ $ood != - ]] && ood_suffix=_ood$ood
+    cmd=(--dataset "$dataset" --noise_mode "$mode")
+    [[ $r != - ]] && cmd+=(--r "$r")
+    cmd+=(--seed "$seed" --data_path "$data_path" --output_dir "$run_dir")
+    [[ $r != - ]] && cmd+=(--noise_file "$run_dir/noise_${r}_${mode}${ood_suffix}.json")
+    [[ $ood != - ]] && cmd+=(--ood_path "$ood_path" --ood_ratio "$ood")
+    cmd+=(--gpuid 0)
     [[ $state == resume ]] && cmd+=(--resume)
     cmd+=("${train_args[@]+"${train_args[@]}"}")
     line=$(printf '%q ' "$PY" "$TRAIN" "${cmd[@]}")
     line="${line% } >> $(printf '%q' "$run_dir/train.log") 2>&1"
     commands+=("$line")
-    run_cells+=("$dataset:$mode:$r")
+    run_cells+=("$cell")
     run_seeds+=("$seed")
     notes+=("# lambda_u=$lambda_u p_threshold=$p_threshold ($source); $state ($note)")
     run_dirs+=("$run_dir")
@@ -339,18 +406,18 @@ if ((slurm)); then
         echo "# cleanly and requeues the task; SIGTERM (preemption, scancel, scontrol requeue) stops it cleanly."
         printf 'runs=('
         for i in "${!run_cells[@]}"; do printf ' %q' "${run_cells[$i]} ${run_seeds[$i]} ${run_dirs[$i]}"; done
-        printf ' )
-'
-        printf 'sweep=(%q --out %q --cifar10_path %q --cifar100_path %q)
-' "$REPO/scripts/sweep_cifar.sh" "$root_abs"             "$(abs "$cifar10_path")" "$(abs "$cifar100_path")"
+        printf ' )\n'
+        task_sweep=("$REPO/scripts/sweep_cifar.sh" --out "$root_abs" --cifar10_path "$(abs "$cifar10_path")"
+                    --cifar100_path "$(abs "$cifar100_path")")
+        [[ -n $ood_path ]] && task_sweep+=(--ood_path "$(abs "$ood_path")")
+        printf 'sweep=('
+        printf ' %q' "${task_sweep[@]}"
+        printf ' )\n'
         printf 'train_args=('
         for a in "${train_args[@]+"${train_args[@]}"}"; do printf ' %q' "$a"; done
-        printf ' )
-'
-        printf 'export PYTHON=%q
-' "$PY"
-        [[ -n ${TRAIN_SCRIPT:-} ]] && printf 'export TRAIN_SCRIPT=%q
-' "$TRAIN_SCRIPT"
+        printf ' )\n'
+        printf 'export PYTHON=%q\n' "$PY"
+        [[ -n ${TRAIN_SCRIPT:-} ]] && printf 'export TRAIN_SCRIPT=%q\n' "$TRAIN_SCRIPT"
         cat <<'TASK'
 read -r cell seed run_dir <<<"${runs[$SLURM_ARRAY_TASK_ID]}"
 echo "=== $(date '+%Y-%m-%d %H:%M:%S') task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (restart ${SLURM_RESTART_COUNT:-0}): run folder $run_dir"

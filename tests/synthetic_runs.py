@@ -57,22 +57,29 @@ def auc(prob, clean):
     return float((ranks[clean].sum() - pos * (pos + 1) / 2) / (pos * (len(prob) - pos)))
 
 
-def cifar_prefix(dataset, r, noise_mode):
-    """Train_cifar.run_prefix without importing torch: one-decimal r as in the original, else every digit of r."""
-    r_text = "%.1f" % r if r == round(r, 1) else format(Decimal(repr(float(r))), "f")
-    return "%s_%s_%s" % (dataset, r_text, noise_mode)
+def ratio_text(r):
+    """dataloader_cifar.ratio_text without importing torch: one decimal where exact, else every digit."""
+    return "%.1f" % r if r == round(r, 1) else format(Decimal(repr(float(r))), "f")
+
+
+def cifar_prefix(dataset, r, noise_mode, ood_ratio=0.0):
+    """Train_cifar.run_prefix: cifar10_0.5_sym, cifar10_worst (CIFAR-N, r None), `_ood<O>` with open-set noise."""
+    prefix = "%s_%s" % (dataset, noise_mode) if r is None else "%s_%s_%s" % (dataset, ratio_text(r), noise_mode)
+    return prefix + ("_ood%s" % ratio_text(ood_ratio) if ood_ratio else "")
 
 
 def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=123, accs=(), num_epochs=None,
-                    lambda_u=25, p_threshold=0.5, warm_up=2, seconds=10.0, snapshots=(), n_samples=1000):
-    """Write a Train_cifar.py run dir (epoch e: test accuracy accs[e], npz at `snapshots`); return its prefix."""
+                    lambda_u=25, p_threshold=0.5, warm_up=2, seconds=10.0, snapshots=(), n_samples=1000,
+                    ood_ratio=0.0):
+    """Write a Train_cifar.py run dir (test accuracy accs[e], npz at `snapshots`; r None: CIFAR-N); its prefix."""
     os.makedirs(run_dir, exist_ok=True)
-    prefix = cifar_prefix(dataset, r, noise_mode)
+    prefix = cifar_prefix(dataset, r, noise_mode, ood_ratio)
     num_epochs = len(accs) - 1 if num_epochs is None else num_epochs
     write_config(os.path.join(run_dir, prefix + "_config.json"), "Train_cifar.py",
                  {"dataset": dataset, "r": r, "noise_mode": noise_mode, "seed": seed, "num_epochs": num_epochs,
                   "lambda_u": lambda_u, "p_threshold": p_threshold, "warm_up": warm_up, "batch_size": 64,
-                  "output_dir": run_dir})
+                  "output_dir": run_dir, "ood_ratio": ood_ratio,
+                  "ood_path": "/data/other-cifar" if ood_ratio else None})
     rng = np.random.default_rng(seed)
     clean = rng.random(n_samples) >= noise_rate_of(r, noise_mode)
     records = []
@@ -94,6 +101,9 @@ def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=12
                     "recall": float((pred & clean).sum() / max(clean.sum(), 1)),
                     "Lx": 1.0, "Lu": 0.01, "lambda": float(lambda_u), "iterations": 10,
                     "gmm": {"means": means.tolist(), "vars": variances.tolist(), "weights": weights.tolist()}}
+                if ood_ratio:
+                    # Fewer replaced images pass the division as training goes on.
+                    record[f"net{k}"]["ood_labeled"] = int(n_samples * ood_ratio * (1.0 - 0.8 * progress))
                 arrays.update({f"loss{k}": loss, f"prob{k}": prob, f"gmm{k}_means": means,
                                f"gmm{k}_vars": variances, f"gmm{k}_weights": weights})
             if epoch in snapshots:
@@ -107,8 +117,10 @@ def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=12
 
 
 def noise_rate_of(r, noise_mode):
-    """Fraction of wrong labels: sym draws over all 10 classes (r * 9/10), asym always flips its share."""
-    return r * 0.9 if noise_mode == "sym" else r * 0.5
+    """Fraction of wrong labels: sym r * 9/10 (draws over all 10 classes), asym r / 2 (five classes), idn r."""
+    if r is None:
+        return 0.2  # a stand-in for the human labels' noise rate
+    return {"sym": r * 0.9, "idn": r}.get(noise_mode, r * 0.5)
 
 
 def write_clothing_run(run_dir, run_id="clothing1m", seed=123, val=(), test_acc=None, seconds=100.0):

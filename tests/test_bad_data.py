@@ -21,7 +21,8 @@ from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from imagelist import BadImages, ImageListDataset, check_images, make_loader
 import Train_cifar
 import Train_webvision
-from utils import UserError, run_main
+from cli import run_main
+from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")

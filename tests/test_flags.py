@@ -35,7 +35,7 @@ def _validate_cifar(args):
 def _validate_noise_command(args):
     """The noise-file command's checks at the top of its main()."""
     check_flags(args, dataloader_cifar.NOISE_FLAGS)
-    dataloader_cifar.validate_setting(args.dataset, args.r, args.noise_mode)
+    dataloader_cifar.resolve_noise_args(args)
 
 
 SCRIPTS = {

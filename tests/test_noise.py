@@ -246,7 +246,7 @@ def test_noise_command_writes_exact_names(tmp_path, capsys):
     noise_main(args)
     assert "0.45_sym.json (written)" in capsys.readouterr().out
     noise_main(args)
-    assert "0.45_sym.json (exists, kept)" in capsys.readouterr().out
+    assert "0.45_sym.json (reused)" in capsys.readouterr().out
     assert not (tmp_path / "0.5_sym.json").exists()
 
 

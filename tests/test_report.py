@@ -1,17 +1,23 @@
 """report.py and plots.py on synthetic run directories: known numbers in, exact tables and real PNGs out."""
+import ast
 import csv
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
 import plots
+import published
 import report
+import rundirs
 from synthetic_runs import write_cifar_run, write_clothing_run, write_webvision_run
-from utils import run_main
+from cli import run_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Epochs 0..11; seed 2 is seed 1 plus one point everywhere.
 SEED1_ACCS = [50, 60, 70, 80, 90, 91, 92, 93, 94, 95, 94, 93]
@@ -216,3 +222,194 @@ def test_plots_main_default_epochs(tmp_path):
     assert [n for n in names if n.startswith("losses_")] == [
         f"losses_cifar100_sym_0.9_seed5_epoch_{e:03d}.png" for e in (1, 3, 4, 5, 7)]
     check_png(tmp_path / "p" / "losses_cifar100_sym_0.9_seed5_epoch_007.png")
+
+
+@pytest.fixture
+def family_runs(tmp_path):
+    """Runs of every newer family: CIFAR-N, CIFAR-100 idn, and settings nothing is published for."""
+    root = tmp_path / "runs"
+    runs = [("c10_worst_1", dict(r=None, noise_mode="worst", seed=1, accs=[80, 92, 91])),
+            ("c10_worst_2", dict(r=None, noise_mode="worst", seed=2, accs=[81, 93, 92])),
+            ("c10_aggre", dict(r=None, noise_mode="aggre", seed=1, accs=[90, 95.5, 95])),
+            ("c100_noisy", dict(dataset="cifar100", r=None, noise_mode="noisy100", seed=1, accs=[60, 70, 71])),
+            ("c100_idn_0.4", dict(dataset="cifar100", r=0.4, noise_mode="idn", seed=1, accs=[60, 70, 71])),
+            ("c100_idn_0.35", dict(dataset="cifar100", r=0.35, noise_mode="idn", seed=1, accs=[60, 70],
+                                   num_epochs=5)),
+            ("c10_idn", dict(r=0.4, noise_mode="idn", seed=1, accs=[60, 70, 72])),
+            ("c100_asym", dict(dataset="cifar100", r=0.4, noise_mode="asym", seed=1, accs=[60, 70, 73])),
+            ("c10_sym_ood", dict(r=0.2, noise_mode="sym", seed=1, accs=[60, 70, 74], ood_ratio=0.2)),
+            ("c10_aggre_ood", dict(r=None, noise_mode="aggre", seed=1, accs=[60, 70, 75], ood_ratio=0.1)),
+            ("c10_sym", dict(r=0.5, noise_mode="sym", seed=1, accs=[60, 70, 71]))]
+    for name, kwargs in runs:
+        write_cifar_run(str(root / name), n_samples=50, **kwargs)
+    return root
+
+
+EXPECTED_FAMILY_TABLES = """\
+## CIFAR-N (human labels)
+
+Test accuracy when training on the human labels of CIFAR-10N (aggre, rand1-3, worst) or CIFAR-100N (noisy100). \
+Best: highest over epochs; Last 10: mean of the last 10 epochs. Both published columns are best-epoch numbers \
+(mean ± std over their runs): Δ compares them with our best.
+
+| Dataset | Labels | lambda_u | tau | Epochs | Seeds | Best | CIFAR-N paper best[^cifarn] | Δ best \
+| noisypy best[^noisypy] | Δ best | Last 10 | s/epoch | Status |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| cifar10 | aggre | 25 | 0.5 | 2 | 1 | 95.50 | 95.01 ± 0.71 | +0.49 | 95.62 ± 0.09 | -0.12 | 93.50 | 10.0 \
+| finished |
+| cifar10 | worst | 25 | 0.5 | 2 | 2 | 92.50 ± 0.71 | 92.56 ± 0.42 | -0.06 | 93.10 ± 0.10 | -0.60 | 88.17 ± 0.71 \
+| 10.0 | finished |
+| cifar100 | noisy100 | 25 | 0.5 | 2 | 1 | 71.00 | 71.13 ± 0.48 | -0.13 | 70.91 ± 0.09 | +0.09 | 67.00 | 10.0 \
+| finished |
+
+## CIFAR-100, instance-dependent noise (idn)
+
+Test accuracy with instance-dependent noise of rate r. Best: highest over epochs; Last 10: mean of the last 10 \
+epochs. The published numbers are taken as best-epoch numbers: Δ compares them with our best.
+
+| Dataset | Noise | lambda_u | tau | Epochs | Seeds | Best | Published best[^instancegm] | Δ best | Last 10 \
+| s/epoch | Status |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| cifar100 | idn 35% | 25 | 0.5 | 5 | 1 | 70.00 | - | - | 65.00 | 10.0 | unfinished (epoch 1/5) |
+| cifar100 | idn 40% | 25 | 0.5 | 2 | 1 | 71.00 | 70.80 | +0.20 | 67.00 | 10.0 | finished |
+
+## Other CIFAR settings (no published numbers)
+
+Test accuracy. Best: highest over epochs; Last 10: mean of the last 10 epochs. Open-set: the share of training \
+images replaced by images of another dataset (--ood_ratio). No DivideMix number is published for these settings.
+
+| Dataset | Noise | Open-set | lambda_u | tau | Epochs | Seeds | Best | Last 10 | Published | s/epoch | Status |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+| cifar10 | sym 20% | 20% | 25 | 0.5 | 2 | 1 | 74.00 | 68.00 | - | 10.0 | finished |
+| cifar10 | idn 40% | - | 25 | 0.5 | 2 | 1 | 72.00 | 67.33 | - | 10.0 | finished |
+| cifar10 | aggre | 10% | 25 | 0.5 | 2 | 1 | 75.00 | 68.33 | - | 10.0 | finished |
+| cifar100 | asym 40% | - | 25 | 0.5 | 2 | 1 | 73.00 | 67.67 | - | 10.0 | finished |
+
+## Sources
+
+Paper: Li, Socher and Hoi, "DivideMix: Learning with Noisy Labels as Semi-supervised Learning", ICLR 2020, \
+Table 1 (SPEC.md section 7); best epoch and mean of the last 10 epochs.
+
+[^cifarn]: Wei et al., "Learning with Noisy Labels Revisited: A Study Using Real-World Human Annotations", \
+ICLR 2022: DivideMix on CIFAR-10N and CIFAR-100N, best epoch, mean ± std of 3 runs.
+
+[^noisypy]: noisypy, an independent reproduction of DivideMix on CIFAR-N (PreAct ResNet-18, 300 epochs): best \
+epoch, mean ± std.
+
+[^instancegm]: Garg et al., "Instance-Dependent Noisy Label Learning via Graphical Modelling", WACV 2023: DivideMix \
+on CIFAR-100 with instance-dependent noise as reported there. Taken here as best-epoch numbers and compared with \
+our best epoch.
+"""
+
+
+def test_family_tables_markdown_exact(family_runs, tmp_path):
+    """CIFAR-N, CIFAR-100 idn and the other settings get their tables after Table 1; the sources close the report."""
+    report.main(args_for([family_runs], tmp_path))
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    table1 = ("| cifar10 | sym 50% | 25 | 0.5 | 2 | 1 | 71.00 | 94.60 | -23.60 | 67.00 | 94.40 | -27.40 | 10.0 "
+              "| finished |\n\n")
+    assert md.index("## CIFAR (paper Table 1)") < md.index(table1)
+    assert md.endswith(table1 + EXPECTED_FAMILY_TABLES)
+
+
+def test_family_tables_csv(family_runs, tmp_path):
+    """The CSV names each row's table, open-set ratio and published sources; r is empty for CIFAR-N."""
+    report.main(args_for([family_runs], tmp_path))
+    rows = read_csv(tmp_path / "out" / "report.csv")
+    assert list(rows[0]) == list(report.CSV_COLUMNS)
+    got = [(r["section"], r["dataset"], r["noise_mode"], r["r"], r["ood_ratio"]) for r in rows]
+    assert got == [("cifar", "cifar10", "sym", "0.5", "0"),
+                   ("cifar_n", "cifar10", "aggre", "", "0"), ("cifar_n", "cifar10", "worst", "", "0"),
+                   ("cifar_n", "cifar100", "noisy100", "", "0"),
+                   ("cifar_idn", "cifar100", "idn", "0.35", "0"), ("cifar_idn", "cifar100", "idn", "0.4", "0"),
+                   ("cifar_other", "cifar10", "sym", "0.2", "0.2"), ("cifar_other", "cifar10", "idn", "0.4", "0"),
+                   ("cifar_other", "cifar10", "aggre", "", "0.1"), ("cifar_other", "cifar100", "asym", "0.4", "0")]
+    by = {(r["section"], r["noise_mode"], r["r"]): r for r in rows}
+    worst = by[("cifar_n", "worst", "")]
+    assert (worst["paper_best"], worst["paper_best_std"], worst["best_diff"], worst["paper_source"]) == \
+        ("92.5600", "0.4200", "-0.0600", "CIFAR-N paper")
+    assert (worst["alt_best"], worst["alt_best_std"], worst["alt_diff"], worst["alt_source"]) == \
+        ("93.1000", "0.1000", "-0.6000", "noisypy reproduction")
+    assert worst["paper_last"] == "" and worst["last_diff"] == "" and worst["n_seeds"] == "2"
+    idn = by[("cifar_idn", "idn", "0.4")]
+    assert (idn["paper_best"], idn["paper_source"], idn["paper_last"], idn["alt_best"]) == \
+        ("70.8000", "InstanceGM paper", "", "")
+    assert by[("cifar", "sym", "0.5")]["paper_source"] == "DivideMix paper"
+    for row in rows:
+        if row["section"] == "cifar_other" or row["r"] == "0.35":
+            assert row["paper_best"] == row["paper_source"] == row["alt_best"] == row["alt_source"] == ""
+
+
+def test_published_numbers_of_every_family():
+    """Each published number as given by its source, and each CIFAR cell in its table."""
+    assert published.cifar_published("cifar10", "rand2", None, 0.0) == [
+        published.Published("cifarn", 95.23, 0.07, None), published.Published("noisypy", 95.78, 0.10, None)]
+    assert [p.best for p in published.cifar_published("cifar100", "idn", 0.45, 0.0)] == [57.78]
+    assert published.cifar_published("cifar10", "sym", 0.5, 0.0) == [published.Published("dividemix", 94.6, None,
+                                                                                          94.4)]
+    assert published.cifar_published("cifar10", "sym", 0.5, 0.2) == []
+    tables = {cell: published.cifar_table(*cell) for cell in (
+        ("cifar100", "sym", 0.0), ("cifar10", "asym", 0.0), ("cifar100", "asym", 0.0), ("cifar10", "idn", 0.0),
+        ("cifar100", "idn", 0.0), ("cifar100", "noisy100", 0.0), ("cifar10", "worst", 0.3))}
+    assert list(tables.values()) == ["cifar", "cifar", "cifar_other", "cifar_other", "cifar_idn", "cifar_n",
+                                     "cifar_other"]
+
+
+def test_plots_of_cifar_n_and_open_set_runs(tmp_path):
+    """CIFAR-N and open-set runs are named like their sweep cells; an open-set run's division plot is drawn."""
+    root = tmp_path / "runs"
+    write_cifar_run(str(root / "a"), r=None, noise_mode="worst", seed=1, accs=[30, 40, 50, 60], warm_up=2,
+                    n_samples=200)
+    write_cifar_run(str(root / "b"), r=0.2, noise_mode="sym", seed=1, accs=[30, 40, 50, 60], warm_up=2,
+                    n_samples=200, ood_ratio=0.2)
+    assert plots.main(plots.get_args_parser().parse_args([str(root), "--out_dir", str(tmp_path / "p")])) == 0
+    names = sorted(os.listdir(tmp_path / "p"))
+    assert names == ["acc_cifar10_sym_0.2_ood0.2.png", "acc_cifar10_worst.png",
+                     "division_cifar10_sym_0.2_ood0.2_seed1.png", "division_cifar10_worst_seed1.png"]
+    for name in names:
+        check_png(tmp_path / "p" / name)
+    key = next(k for k, _ in rundirs.group_runs(rundirs.find_runs([str(root / "a")])))
+    assert plots.published_lines(key) == [("CIFAR-N paper best", 92.56), ("noisypy reproduction best", 93.10)]
+    assert plots.cell_title(key) == "cifar10 worst (lambda_u 25, tau 0.5)"
+
+
+def import_graph(names):
+    """{module: project modules it imports anywhere in its file (lazy imports included)} over the project."""
+    graph = {}
+    for name in names:
+        with open(os.path.join(REPO, name + ".py")) as f:
+            tree = ast.parse(f.read())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & set(names)
+    return graph
+
+
+def test_report_and_plots_need_no_torch_and_form_no_cycle():
+    """report and plots load without torch (run_main included) and import each other in one direction at most."""
+    code = ("import sys\nimport report, plots, cli\ncli.run_main(lambda args: 0, None)\n"
+            "print('torch' in sys.modules, 'utils' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "False False\n"
+    names = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
+    graph = import_graph(names)
+    assert "report" not in graph["plots"]
+
+    def reachable(start):
+        """Modules reachable from start through the import graph."""
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    for name in ("report", "plots", "rundirs", "published", "cli"):
+        assert name not in reachable(name), f"{name} imports itself through a cycle"
+        assert "utils" not in reachable(name), f"{name} reaches utils, which imports torch"

@@ -130,10 +130,10 @@ def test_overridden_preset_is_shown(tmp_path, env):
     assert opts["--lambda_u"] == "7" and "lambda_u=7 p_threshold=0.5 (set after --)" in comment
 
 
-def write_run(run_dir, dataset, r, mode, num_epochs, last_epoch, checkpoint, cut_line=False):
+def write_run(run_dir, dataset, r, mode, num_epochs, last_epoch, checkpoint, cut_line=False, ood_ratio=0.0):
     """Fake Train_cifar.py outputs: config, a log up to last_epoch, optionally a checkpoint."""
     run_dir.mkdir(parents=True)
-    prefix = cifar_prefix(dataset, r, mode)
+    prefix = cifar_prefix(dataset, r, mode, ood_ratio)
     (run_dir / f"{prefix}_config.json").write_text(json.dumps({"args": {"num_epochs": num_epochs},
                                                                "script": "Train_cifar.py"}))
     lines = [json.dumps({"epoch": e, "phase": "train", "test_acc": 50.0}) for e in range(last_epoch + 1)]
@@ -251,3 +251,101 @@ def test_cifar100_asym_cells_are_planned(tmp_path, env):
     line = [x for x in proc.stdout.splitlines() if "--noise_mode asym" in x]
     assert len(line) == 1 and "--dataset cifar100" in line[0] and "cifar100_asym_0.4_seed123" in line[0]
     assert "original-code default, no paper preset" in line[0]
+
+
+NEW_CELLS = ["cifar10:worst", "cifar100:noisy100", "cifar10:rand2", "cifar100:idn:0.45", "cifar10:idn:0.2",
+             "cifar10:sym:0.2:ood0.2", "cifar10:aggre:ood0.1", "cifar100:asym:0.4:ood0.25"]
+
+
+def test_cifar_n_idn_and_open_set_cells(tmp_path, env):
+    """CIFAR-N cells have no --r and no noise file; open-set cells pass --ood_path and --ood_ratio; run dirs."""
+    root = tmp_path / "runs"
+    proc = sweep(["--dry-run", "--out", root, "--ood_path", "/d/ood", "--cifar10_path", "/d/c10",
+                  "--cifar100_path", "/d/c100"] + NEW_CELLS + ["--", "--num_epochs", "5"], env)
+    cmds = commands(proc.stdout)
+    got = {os.path.basename(o["--output_dir"]): o for _, o, _ in cmds}
+    assert list(got) == ["cifar10_worst_seed123", "cifar100_noisy100_seed123", "cifar10_rand2_seed123",
+                         "cifar100_idn_0.45_seed123", "cifar10_idn_0.2_seed123", "cifar10_sym_0.2_ood0.2_seed123",
+                         "cifar10_aggre_ood0.1_seed123", "cifar100_asym_0.4_ood0.25_seed123"]
+    for name, opts in got.items():
+        run_dir = str(root / name)
+        assert opts["--output_dir"] == run_dir and opts["--num_epochs"] == "5" and opts["--gpuid"] == "0"
+        assert opts["--data_path"] == ("/d/c10" if opts["--dataset"] == "cifar10" else "/d/c100")
+        if opts["--noise_mode"] in ("worst", "noisy100", "rand2", "aggre"):
+            assert "--r" not in opts and "--noise_file" not in opts
+        else:
+            suffix = f"_ood{opts['--ood_ratio']}" if "_ood" in name else ""
+            assert opts["--noise_file"] == os.path.join(run_dir, f"noise_{opts['--r']}_{opts['--noise_mode']}"
+                                                                 f"{suffix}.json")
+        if "_ood" in name:
+            assert opts["--ood_path"] == "/d/ood" and name.endswith(f"_ood{opts['--ood_ratio']}_seed123")
+        else:
+            assert "--ood_path" not in opts and "--ood_ratio" not in opts
+    assert got["cifar100_idn_0.45_seed123"]["--r"] == "0.45"
+    assert got["cifar10_aggre_ood0.1_seed123"]["--ood_ratio"] == "0.1"
+    comments = {os.path.basename(o["--output_dir"]): c for _, o, c in cmds}
+    for name in ("cifar10_worst_seed123", "cifar100_noisy100_seed123", "cifar10_aggre_ood0.1_seed123"):
+        assert "lambda_u=0 p_threshold=0.5 (CIFAR-N preset (noisypy reproduction))" in comments[name]
+    assert "lambda_u=0 p_threshold=0.5 (paper preset)" in comments["cifar10_sym_0.2_ood0.2_seed123"]
+    assert "original-code default, no paper preset" in comments["cifar100_idn_0.45_seed123"]
+    # An explicit --lambda_u wins over the CIFAR-N preset too.
+    proc = sweep(["--dry-run", "--out", root, "cifar10:worst", "--", "--lambda_u", "3"], env)
+    (_, opts, comment), = commands(proc.stdout)
+    assert opts["--lambda_u"] == "3" and "lambda_u=3 p_threshold=0.5 (set after --)" in comment
+
+
+def test_new_cells_find_their_runs(tmp_path, env):
+    """Skip and resume use Train_cifar.py's prefixes: cifar10_worst, cifar10_0.2_sym_ood0.2, cifar100_0.45_idn."""
+    root = tmp_path / "runs"
+    write_run(root / "cifar10_worst_seed1", "cifar10", None, "worst", 300, 300, checkpoint=True)
+    write_run(root / "cifar10_sym_0.2_ood0.2_seed1", "cifar10", 0.2, "sym", 300, 40, checkpoint=True, ood_ratio=0.2)
+    write_run(root / "cifar100_idn_0.45_seed1", "cifar100", 0.45, "idn", 300, 7, checkpoint=False)
+    proc = sweep(["--dry-run", "--out", root, "--ood_path", "/d/ood", "--seeds", "1", "cifar10:worst",
+                  "cifar10:sym:0.2:ood0.2", "cifar100:idn:0.45"], env)
+    (_, opts, comment), = commands(proc.stdout)
+    assert opts["--output_dir"] == str(root / "cifar10_sym_0.2_ood0.2_seed1") and opts["--resume"] is True
+    assert "resume (epoch 40/300)" in comment
+    assert f"# skip {root / 'cifar10_worst_seed1'}: finished (epoch 300/300)" in proc.stdout
+    assert "cifar100_idn_0.45_seed1 holds cifar100_0.45_idn logs of epochs up to 7 but no checkpoint" in proc.stderr
+
+
+def test_malformed_new_cells_are_usage_errors(tmp_path, env):
+    """Each malformed cell, an open-set cell without --ood_path, and the sweep's ood flags after --: one line, 2."""
+    cases = {"cifar100:worst": "belong to cifar10: write cifar10:worst",
+             "cifar10:noisy100": "write cifar100:noisy100",
+             "cifar10:worst:0.2": "takes no r: write cifar10:worst",
+             "cifar100:idn": "needs its rate r",
+             "cifar10:sym:0.2:ood1": "strictly between 0 and 1",
+             "cifar10:worst:ood0": "strictly between 0 and 1",
+             "cifar10:sym:0.2:oodx": "strictly between 0 and 1",
+             "cifar10:sym:0.2:0.3": "is not dataset:mode:r or dataset:mode",
+             "cifar10::0.2": "is not dataset:mode:r or dataset:mode",
+             "cifar10:sym:ood0.2:0.2": "optionally followed by :ood<ratio>",
+             "cifar10:ood0.2": "noise mode must be sym, asym, idn",
+             "cifar10:aggre:ood0.1": "give --ood_path P"}
+    for cell, message in cases.items():
+        proc = sweep(["--dry-run", "--out", tmp_path, cell], env, check=False)
+        assert proc.returncode == 2, cell
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (cell, proc.stderr)
+        assert message in proc.stderr, (cell, proc.stderr)
+    for args in (["--", "--ood_ratio", "0.2"], ["--", "--ood_path=/x"], ["--ood_path"]):
+        proc = sweep(["--dry-run", "--out", tmp_path, "cifar10:sym:0.5"] + args, env, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
+
+
+def test_slurm_tasks_carry_the_new_cells(tmp_path, env):
+    """--slurm hands each task its cell string and --ood_path; the task's own plan finds the same run folder."""
+    root = tmp_path / "runs"
+    cells = ["cifar10:worst", "cifar100:idn:0.45", "cifar10:sym:0.2:ood0.2", "cifar10:aggre:ood0.1"]
+    proc = sweep(["--slurm", "--dry-run", "--out", root, "--ood_path", "ood_images", "--seeds", 4] + cells, env)
+    runs_line = next(line for line in proc.stdout.splitlines() if line.startswith("runs=("))
+    sweep_line = next(line for line in proc.stdout.splitlines() if line.startswith("sweep=("))
+    tasks = [word.split(" ") for word in shlex.split(runs_line[len("runs=("):-1])]
+    assert [cell for cell, _, _ in tasks] == cells
+    task_sweep = shlex.split(sweep_line[len("sweep=("):-1])
+    assert task_sweep[task_sweep.index("--ood_path") + 1] == os.path.join(os.getcwd(), "ood_images")
+    for cell, seed, run_dir in tasks:
+        # What a task runs: the sweep's options as written in the job script, one cell and one seed.
+        task = sweep(task_sweep[1:] + ["--dry-run", "--seeds", seed, cell], env)
+        (_, opts, _), = commands(task.stdout)
+        assert opts["--output_dir"] == run_dir

@@ -66,7 +66,25 @@ def test_check_resume_args():
 def test_run_main_exit_code_and_one_line():
     code = ("import utils\n"
             "def main(a):\n    raise utils.UserError('bad thing: do this')\n"
-            "utils.run_main(main, None)\n")
+            "import cli\ncli.run_main(main, None)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == "error: bad thing: do this\n"
+
+
+def test_errors_and_run_main_come_from_the_torch_free_cli_module():
+    """utils re-exports cli's error classes: `from utils import UserError` is the very same class."""
+    import cli
+    import utils
+    assert utils.UserError is cli.UserError
+    assert utils.Interrupted is cli.Interrupted and issubclass(utils.ReportedOnRankZero, cli.UserError)
+
+
+def test_run_main_still_ends_the_process_group(tmp_path):
+    """With torch.distributed loaded and a group up, run_main destroys the group when main returns."""
+    code = ("import torch.distributed as dist\nimport cli\n"
+            f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rdzv'}', rank=0, world_size=1)\n"
+            "cli.run_main(lambda args: 0, None)\nprint(dist.is_initialized())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "False\n", proc.stderr

@@ -1,0 +1,59 @@
+"""How every script of the project ends: a user error is one line and exit code 2, SIGINT / SIGTERM one line and
+exit code 130 / 143, never a traceback. Free of torch, so report.py and plots.py start without loading it."""
+import os
+import signal
+import sys
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, exit code 2, no traceback."""
+
+
+class ReportedOnRankZero(UserError):
+    """A user error rank 0 found and reported for the whole job: the other ranks exit 2 without a line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A KeyboardInterrupt: no `except Exception` swallows it, and DataLoader worker
+    processes (which inherit the handler) leave quietly, as they do on Ctrl-C."""
+
+    def __init__(self, signum, note="nothing of a run had been written yet"):
+        """signum: the signal; note: what was kept and how to continue (filled in by the run folder)."""
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.note = signum, note
+
+
+def _raise_interrupted(signum, frame):
+    """Signal handler: stop the main thread where it is; the run folder finishes what must be finished."""
+    raise Interrupted(signum)
+
+
+def _end_process_group():
+    """Destroy torch.distributed's process group when one is up; never imports torch itself."""
+    # A process group exists only if the script imported torch.distributed: a torch-free script skips all this.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_main(main, args):
+    """Call main(args). UserError: one line, exit 2. SIGINT / SIGTERM: one line, exit 130 / 143. No traceback."""
+    previous = {s: signal.signal(s, _raise_interrupted) for s in STOP_SIGNALS}
+    # Under torchrun every rank's stderr reaches the console: a rank other than 0 says which it is.
+    who = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" else ""
+    try:
+        return main(args)
+    except ReportedOnRankZero:
+        sys.exit(2)
+    except UserError as exc:
+        print(f"error: {who}{exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Interrupted as exc:
+        print(f"stopped by {exc}: {who}{exc.note}", file=sys.stderr, flush=True)
+        sys.exit(128 + exc.signum)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _end_process_group()
