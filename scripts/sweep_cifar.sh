@@ -35,7 +35,8 @@
 # Run directory: ROOT/<dataset>_<mode>_<r>_seed<S> (CIFAR-N: ROOT/<dataset>_<mode>_seed<S>; open-set cells add
 # _ood<O> before _seed), holding the run's logs, checkpoint, its own noise file noise_<r>_<mode>.json (with
 # _ood<O> before .json for open-set cells; none for CIFAR-N, whose labels are given) so seeds do not share one
-# noise draw, and train.log (stdout and stderr, appended).
+# noise draw, the open-set cells' replacement file (beside the noise file, <mode>_ood<O>_replaced.json for
+# CIFAR-N) and train.log (stdout and stderr, appended).
 # A run whose log reaches its num_epochs is skipped; one with a checkpoint is resumed with --resume.
 # Exit status: 0 when every run succeeded, 1 when one failed, 2 for a usage error.
 set -uo pipefail
@@ -368,6 +369,8 @@ while IFS=$'\t' read -r state run_dir cell dataset mode r ood seed lambda_u p_th
     cmd+=(--seed "$seed" --data_path "$data_path" --output_dir "$run_dir")
     [[ $r != - ]] && cmd+=(--noise_file "$run_dir/noise_${r}_${mode}${ood_suffix}.json")
     [[ $ood != - ]] && cmd+=(--ood_path "$ood_path" --ood_ratio "$ood")
+    # the replaced images are the run's own as well (beside its noise file; CIFAR-N has none, so name it)
+    [[ $ood != - && $r == - ]] && cmd+=(--ood_file "$run_dir/${mode}_ood${ood}_replaced.json")
     cmd+=(--gpuid 0)
     [[ $state == resume ]] && cmd+=(--resume)
     cmd+=("${train_args[@]+"${train_args[@]}"}")

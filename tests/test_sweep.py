@@ -281,6 +281,12 @@ def test_cifar_n_idn_and_open_set_cells(tmp_path, env):
             assert opts["--ood_path"] == "/d/ood" and name.endswith(f"_ood{opts['--ood_ratio']}_seed123")
         else:
             assert "--ood_path" not in opts and "--ood_ratio" not in opts
+        # CIFAR-N has no noise file to put the replacement beside: the run's own replacement file is named
+        if "_ood" in name and "--r" not in opts:
+            assert opts["--ood_file"] == os.path.join(run_dir, f"{opts['--noise_mode']}_ood{opts['--ood_ratio']}"
+                                                               "_replaced.json")
+        else:
+            assert "--ood_file" not in opts
     assert got["cifar100_idn_0.45_seed123"]["--r"] == "0.45"
     assert got["cifar10_aggre_ood0.1_seed123"]["--ood_ratio"] == "0.1"
     comments = {os.path.basename(o["--output_dir"]): c for _, o, c in cmds}
