@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.optim as optim
 
+from cli import run_main
 import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from PreResNet import ResNet18
-from cli import run_main
 from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, broadcast_from_main, check_flags,
                    check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
                    run_config, run_state, seed_process, sync_buffers, timed, world_size, wrap_ddp)

@@ -13,12 +13,12 @@ import time
 import torch
 import torch.optim as optim
 
+from cli import run_main
 from dataloader_webvision import WebVision
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from imagelist import default_num_workers
 from InceptionResNetV2 import InceptionResNetV2
-from cli import run_main
 from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, check_sync_bn, init_distributed,
                    is_main_process, json_safe, local_batch_size, make_shard, on_main, run_config, run_state,
                    seed_process, sync_buffers, world_size, wrap_ddp)

@@ -24,11 +24,11 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cli import run_main
 import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, train_epoch,
                        warmup_epoch)
 from PreResNet import ResNet18
-from cli import run_main
 from utils import (AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, UserError, check_flags, init_distributed,
                    is_main_process, local_batch_size, make_shard, on_main, select_device, world_size, wrap_ddp)
 

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
+from cli import run_main
 import plots
 import published
 import report
 import rundirs
 from synthetic_runs import write_cifar_run, write_clothing_run, write_webvision_run
-from cli import run_main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
