@@ -56,12 +56,20 @@ class PreActResNet(nn.Module):
             self.in_planes = planes * block.expansion
         return nn.Sequential(*layers)
 
-    def forward(self, x):
-        """Return class logits for a batch of normalised 32x32 images."""
+    def features(self, x):
+        """The penultimate embedding (512 per image) of a batch of normalised 32x32 images."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.avg_pool2d(out, 4)
-        return self.linear(out.flatten(1))
+        return F.avg_pool2d(out, 4).flatten(1)
+
+    def forward(self, x, mix=None):
+        """Class logits; with mix = (lam, idx) those of the mixed embeddings lam * e + (1 - lam) * e[idx]
+        (manifold mixing: a keyword of forward, so DistributedDataParallel sees it as one forward)."""
+        out = self.features(x)
+        if mix is not None:
+            lam, idx = mix
+            out = lam * out + (1 - lam) * out[idx]
+        return self.linear(out)
 
 
 def ResNet18(num_classes=10):

@@ -18,8 +18,8 @@ import torch.optim as optim
 
 from cli import run_main
 import dataloader_cifar
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
-                       normalise_losses, set_learning_rate)
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, eval_train, evaluate,
+                       gmm_summary, knn_scores, normalise_losses, ood_removal, set_learning_rate)
 from PreResNet import ResNet18
 from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, broadcast_from_main, check_flags,
                    check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
@@ -45,11 +45,14 @@ WARM_UP = {"cifar10": 10, "cifar100": 30}
 LR_DECAY_EPOCH = 150
 # Arguments that define a run: --resume refuses a checkpoint made with other values.
 DEFINING_ARGS = ("dataset", "r", "noise_mode", "seed", "batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T",
-                 "num_class", "warm_up", "loss_window", "ood_ratio")
+                 "num_class", "warm_up", "loss_window", "ood_ratio", "division", "ood_filter", "ood_k", "ood_remove",
+                 "ood_interval", "mix", "lambda_e")
 # Allowed values of every numeric flag, checked before anything is read or written. A warm_up beyond num_epochs
 # is allowed: the run is then warm-up only.
 FLAG_RANGES = {**TRAIN_FLAGS, **dataloader_cifar.NOISE_FLAGS, "eval_batch_size": Range(1),
-               "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1)}
+               "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1), "ood_k": Range(1),
+               "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1),
+               "lambda_e": Range(0)}
 
 
 def get_args_parser():
@@ -67,8 +70,9 @@ def get_args_parser():
     p.add_argument("--gpuid", default=0, type=int)
     p.add_argument("--num_class", default=None, type=int, help="default: 10 or 100 from --dataset")
     p.add_argument("--warm_up", default=None, type=int, help="warm-up epochs (default: 10 cifar10, 30 cifar100)")
-    p.add_argument("--loss_window", default=None, type=int,
-                   help="loss vectors averaged for the GMM (default: 5 at r = 0.9, else 1)")
+    p.add_argument("--loss_window", "--loss_average", default=None, type=int, dest="loss_window",
+                   help="loss vectors averaged for the GMM, RSL's mean loss over K epochs (default: 5 at r = 0.9, "
+                        "else 1)")
     p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs and checkpoint go here")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
@@ -81,6 +85,18 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory layout for nets and batches")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
+    # Successors' ideas (README "Successors' ideas as options"), all off by default.
+    p.add_argument("--division", default="global", choices=("global", "classwise"),
+                   help="classwise: a GMM per observed class (RSL)")
+    p.add_argument("--ood_filter", default="none", choices=("none", "knn"),
+                   help="knn: take the samples farthest from their k nearest neighbours in embedding space out of "
+                        "both sets (Manifold DivideMix)")
+    p.add_argument("--ood_k", default=10, type=int, help="neighbours of the kNN filter")
+    p.add_argument("--ood_remove", default=0.1, type=float, help="fraction of the training images the filter removes")
+    p.add_argument("--ood_interval", default=10, type=int, help="epochs between filterings (first: end of warm-up)")
+    p.add_argument("--mix", default="input", choices=("input", "input+embedding"),
+                   help="input+embedding: also mix the penultimate embeddings (Manifold DivideMix's MixEMatch)")
+    p.add_argument("--lambda_e", default=1.0, type=float, help="weight of the mixed embeddings' loss terms")
     p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
                    help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
                         "has no SyncBatchNorm)")
@@ -116,6 +132,9 @@ def resolve_settings(args):
             sources[name] = source
         else:
             sources[name] = "flag"
+    if args.ood_remove >= 1:
+        raise UserError(f"--ood_remove {args.ood_remove:g} would take every training image out: give a fraction "
+                        "below 1")
     if args.num_class < dataloader_cifar.NUM_CLASSES[args.dataset]:
         raise UserError(f"--num_class {args.num_class} is below the {dataloader_cifar.NUM_CLASSES[args.dataset]} "
                         f"classes of {args.dataset}: drop the flag, it follows --dataset")
@@ -147,12 +166,15 @@ def create_optimizer(net, lr):
     return optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
 
 
-def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device, logs, loss_dir):
+def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device, logs, loss_dir,
+                    removed=None):
     """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records.
 
     nets are evaluated as they are; train_nets (their DistributedDataParallel wrappers with several processes)
     are trained. Every rank holds the gathered losses; rank 0 fits the GMMs and gives every rank its divisions.
+    removed: the OOD filter's mask of samples kept out of both the labeled and the unlabeled set.
     """
+    labels = data.noisy_labels.cpu().numpy() if cfg.division == "classwise" else None
     timing, divisions = {}, [None, None]
     eval_loader = data.eval_loader(args.eval_batch_size)
     # On CUDA net1's GMM (CPU) is fitted while net2's losses are computed (GPU). The fits still run one after
@@ -169,7 +191,7 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
                 divisions[k - 1], timing[f"gmm{k}"] = pending.result()
             if is_main_process():
                 pending = pool.submit(timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
-                                      data.clean_mask)
+                                      data.clean_mask, labels, cfg.classwise_min_samples)
             else:
                 pending = pool.submit(lambda: (None, 0.0))
             if device.type != "cuda":
@@ -180,6 +202,12 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     divisions = broadcast_from_main(divisions)
 
     records = [dict(d[3]) for d in divisions]
+    for k, record in enumerate(records):
+        fallback = record.get("classwise", {}).get("fallback")
+        if fallback:
+            shown = ", ".join(map(str, fallback[:10])) + (", ..." if len(fallback) > 10 else "")
+            print(f"epoch {epoch} net{k + 1} class-wise division: {len(fallback)} class(es) with fewer than "
+                  f"{cfg.classwise_min_samples} samples take the global fit ({shown})", flush=True)
     if data.ood_mask is not None:  # open-set images a division counts as clean
         for record, division in zip(records, divisions):
             record["ood_labeled"] = int((division[0][data.ood_mask] > cfg.p_threshold).sum())
@@ -191,8 +219,11 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
         save_division(os.path.join(loss_dir, "epoch_%03d.npz" % epoch), divisions, data.clean_mask, cfg.p_threshold)
 
     def make_loaders(k, pred, prob):
-        """Labeled and unlabeled loaders of net k's division."""
-        return data.labeled_loader(pred, prob, args.batch_size), data.unlabeled_loader(pred, args.batch_size)
+        """Labeled and unlabeled loaders of net k's division, without the samples the OOD filter removed."""
+        if removed is None:
+            return data.labeled_loader(pred, prob, args.batch_size), data.unlabeled_loader(pred, args.batch_size)
+        return (data.labeled_loader(pred & ~removed, prob, args.batch_size),
+                data.unlabeled_loader(pred | removed, args.batch_size))
 
     results, train_timing = co_train(epoch, train_nets, optimizers, [d[0] for d in divisions], make_loaders, cfg,
                                      device)
@@ -200,6 +231,20 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     for k, result in enumerate(results):
         records[k].update(result, gmm=gmm_summary(divisions[k][2]))
     return records, timing
+
+
+def filter_ood(nets, data, args, device, precision):
+    """The kNN OOD filter: both nets embed every training image, the mean of their kNN scores picks the samples
+    removed (the same on every rank). Returns (removed mask, record for the log)."""
+    loader = data.eval_loader(args.eval_batch_size)
+    scores = sum(knn_scores(embed(net, loader, device, precision), args.ood_k) for net in nets) / len(nets)
+    removed = broadcast_from_main(ood_removal(scores.cpu(), args.ood_remove))
+    record = {"removed": int(removed.sum())}
+    if data.ood_mask is not None:  # open-set noise: how many of the removed images were out of distribution
+        hits = int((removed & data.ood_mask).sum())
+        record.update(removed_ood=hits, precision=hits / record["removed"] if record["removed"] else float("nan"),
+                      recall=hits / int(data.ood_mask.sum()) if data.ood_mask.any() else float("nan"))
+    return removed, record
 
 
 def save_division(path, divisions, clean_mask, p_threshold):
@@ -261,11 +306,13 @@ def train(args, run, sources, device):
     nets = [create_model(args.num_class, device, precision, args.compile) for _ in range(2)]
     optimizers = [create_optimizer(net, args.lr) for net in nets]
     histories = [[], []]
+    removed = None  # the OOD filter's latest removal
     cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=True, loss_window=args.loss_window)
     start_epoch = 0
     if resume is not None:
         start_epoch = run.restore(resume, nets, optimizers)
         histories = [list(h) for h in resume["histories"]]
+        removed = resume.get("ood_removed")
     else:
         run.begin(run_config("Train_cifar.py", args, device, len(data), sources,
                              labels_sha256=defining["labels_sha256"], **files,
@@ -282,6 +329,7 @@ def train(args, run, sources, device):
         if shard is not None:
             shard.start_epoch(epoch)
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
+        extra = {}  # the epoch's further log entries (the OOD filter's)
         if epoch < args.warm_up:
             phase = "warmup"
             records, timing = co_warmup(epoch, train_nets, optimizers,
@@ -290,8 +338,14 @@ def train(args, run, sources, device):
                                         precision)
         else:
             phase = "train"
+            if args.ood_filter == "knn" and (epoch - args.warm_up) % args.ood_interval == 0:
+                t0 = time.perf_counter()
+                removed, extra["ood_filter"] = filter_ood(nets, data, args, device, precision)
+                extra["ood_filter"]["seconds"] = time.perf_counter() - t0
+                print(f"epoch {epoch} OOD filter: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                              for k, v in extra["ood_filter"].items()), flush=True)
             records, timing = co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device,
-                                              run.logs, loss_dir)
+                                              run.logs, loss_dir, removed)
         sync_buffers(nets)
         t0 = time.perf_counter()
         acc = evaluate(nets, test_loader, device, precision=precision)[0]
@@ -300,14 +354,15 @@ def train(args, run, sources, device):
         run.logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))
         run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
                                                 "net1": records[0], "net2": records[1], "seconds": seconds,
-                                                "time": timing}))
+                                                "time": timing, **extra}))
         summary = f"epoch {epoch:3d} {phase:6s} test {acc:6.2f}%  lr {lr:g}  {seconds:.1f}s"
         if phase == "train":
             summary += "  labeled %d/%d  Lx %.3f/%.3f  Lu %.4f/%.4f" % (
                 records[0]["labeled"], records[1]["labeled"], records[0]["Lx"], records[1]["Lx"],
                 records[0]["Lu"], records[1]["Lu"])
         print(summary, flush=True)
-        run.save(run_state(epoch, defining, args, nets, optimizers, histories=histories))
+        state = {"ood_removed": removed} if args.ood_filter != "none" else {}
+        run.save(run_state(epoch, defining, args, nets, optimizers, histories=histories, **state))
 
 
 if __name__ == "__main__":

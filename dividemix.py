@@ -65,13 +65,23 @@ class DivideMixConfig:
     # Number of past normalised loss vectors averaged as the GMM input (5 for CIFAR at 90% noise).
     loss_window: int = 1
     precision: Precision = field(default_factory=Precision)
+    # Successors' ideas, off by default. RSL's class-wise division: one GMM per observed class ("classwise"); a
+    # class with fewer than classwise_min_samples samples takes the global fit's probabilities.
+    division: str = "global"
+    classwise_min_samples: int = 20
+    # Manifold DivideMix's MixEMatch: "input+embedding" also mixes the penultimate embeddings, by the inputs'
+    # lambda and permutation, and adds their loss terms with weight lambda_e.
+    mix: str = "input"
+    lambda_e: float = 1.0
 
     @classmethod
     def from_args(cls, args, precision, unlabeled_loss, loss_window=1):
-        """From a training script's flags (--num_class, --alpha, --T, --lambda_u, --p_threshold, --warm_up)."""
+        """From a training script's flags (--num_class, --alpha, --T, --lambda_u, --p_threshold, --warm_up, and
+        where the script has them --division, --mix, --lambda_e)."""
         return cls(num_class=args.num_class, alpha=args.alpha, T=args.T, lambda_u=args.lambda_u,
                    p_threshold=args.p_threshold, warm_up=args.warm_up, unlabeled_loss=unlabeled_loss,
-                   loss_window=loss_window, precision=precision)
+                   loss_window=loss_window, precision=precision, division=getattr(args, "division", "global"),
+                   mix=getattr(args, "mix", "input"), lambda_e=getattr(args, "lambda_e", 1.0))
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -135,6 +145,36 @@ def fit_gmm(input_loss):
     gmm.fit(x)
     prob = gmm.predict_proba(x)[:, gmm.means_.argmin()]
     return prob, gmm
+
+
+def fit_gmm_classwise(input_loss, labels, min_samples):
+    """Class-wise division (RSL): a GMM per observed class, each sample's clean probability from its class's fit.
+
+    Classes with fewer than min_samples samples keep the global fit's probabilities. Returns (prob, the global
+    GMM, the classes that fell back)."""
+    prob, gmm = fit_gmm(input_loss)  # fitted first: the fallback, and the GMM the log and plots show
+    labels = np.asarray(labels)
+    fallback = []
+    for c in np.unique(labels).tolist():
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < min_samples:
+            fallback.append(int(c))
+            continue
+        prob[rows] = fit_gmm(input_loss[torch.as_tensor(rows)])[0]
+    return prob, gmm, fallback
+
+
+def classwise_stats(prob, input_loss, labels, p_threshold, fallback):
+    """Per observed class: labeled count and threshold (the largest GMM input still labeled; None if none)."""
+    labels, x = np.asarray(labels), input_loss.numpy()
+    pred = prob > p_threshold
+    classes = np.unique(labels).tolist()
+    thresholds = []
+    for c in classes:
+        kept = x[(labels == c) & pred]
+        thresholds.append(float(kept.max()) if kept.size else None)
+    return {"classes": classes, "labeled": [int(pred[labels == c].sum()) for c in classes],
+            "threshold": thresholds, "fallback": fallback}
 
 
 def division_stats(prob, p_threshold, clean=None):
@@ -206,11 +246,19 @@ def eval_train(net, loader, device, precision=None):
     return gather_rows(torch.cat(losses).cpu() if losses else torch.zeros(0))
 
 
-def co_divide(history, p_threshold, window, clean=None):
-    """GMM division of one net's loss history: (clean probability w, GMM input, fitted GMM, stats)."""
+def co_divide(history, p_threshold, window, clean=None, labels=None, min_samples=20):
+    """GMM division of one net's loss history: (clean probability w, GMM input, fitted GMM, stats).
+
+    labels (the noisy labels) switch on the class-wise division: a GMM per class with at least min_samples
+    samples; the stats then hold the per-class counts and thresholds."""
     input_loss = gmm_input(history, window)
-    prob, gmm = fit_gmm(input_loss)
-    return prob, input_loss, gmm, division_stats(prob, p_threshold, clean)
+    if labels is None:
+        prob, gmm = fit_gmm(input_loss)
+        return prob, input_loss, gmm, division_stats(prob, p_threshold, clean)
+    prob, gmm, fallback = fit_gmm_classwise(input_loss, labels, min_samples)
+    stats = division_stats(prob, p_threshold, clean)
+    stats["classwise"] = classwise_stats(prob, input_loss, labels, p_threshold, fallback)
+    return prob, input_loss, gmm, stats
 
 
 def train_step(net, net2, optimizer, batch, cfg, lambda_now):
@@ -246,7 +294,9 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
     all_targets = torch.cat([targets_x, targets_x, targets_u, targets_u], dim=0)
     # Clothing1M / WebVision: only the first 2B rows (x, x2) are mixed and trained on; their partners come from
     # the permutation over all 2B + 2U rows.
-    mixed_input, mixed_target = mixmatch(all_inputs, all_targets, cfg.alpha, None if cfg.unlabeled_loss else 2 * B)
+    mix = draw_mix(all_inputs.shape[0], cfg.alpha, all_inputs.device)
+    mixed_input, mixed_target = mixmatch(all_inputs, all_targets, cfg.alpha, None if cfg.unlabeled_loss else 2 * B,
+                                         mix)
 
     with precision.autocast(x.device):
         logits = net(precision.prepare(mixed_input)).float()
@@ -254,6 +304,12 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
     Lx, Lu = semi_loss(logits_x, mixed_target[:2 * B], logits_u, mixed_target[2 * B:])
     penalty = prior_penalty(logits, cfg.num_class)
     loss = Lx + lambda_now * Lu + penalty if cfg.unlabeled_loss else Lx + penalty
+    if cfg.mix == "input+embedding":
+        # MixEMatch: the unmixed inputs' embeddings mixed by the same lambda and partners, through the head
+        with precision.autocast(x.device):
+            logits_e = net(precision.prepare(all_inputs), mix=mix).float()[:mixed_target.shape[0]]
+        Lx_e, Lu_e = semi_loss(logits_e[:2 * B], mixed_target[:2 * B], logits_e[2 * B:], mixed_target[2 * B:])
+        loss = loss + cfg.lambda_e * (Lx_e + lambda_now * Lu_e if cfg.unlabeled_loss else Lx_e)
 
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -261,17 +317,22 @@ def train_step(net, net2, optimizer, batch, cfg, lambda_now):
     return Lx.detach(), Lu.detach(), loss.detach()
 
 
-def mixmatch(all_inputs, all_targets, alpha, rows=None):
-    """Mix the first `rows` rows (None: all) with partners from a random permutation of all rows of this process's
-    batch, by l ~ Beta(alpha, alpha) taken as max(l, 1 - l) so a mixed row stays closer to its first argument.
-
-    With several processes a row's partner comes from its own rank's rows and each rank draws its own l: the
-    original's rule on a batch of B / world rows, with no images sent between processes (see README)."""
+def draw_mix(n, alpha, device):
+    """MixMatch's draws for n rows: l ~ Beta(alpha, alpha) taken as max(l, 1 - l), so a mixed row stays closer to
+    its first argument, and a random permutation giving each row its partner. Returns (l, permutation)."""
     lam = np.random.beta(alpha, alpha)
     if np.isnan(lam):  # alpha near the smallest double underflows numpy's draw; Beta(a, a) then tends to 0 or 1
         lam = 1.0
-    lam = max(lam, 1 - lam)
-    idx = torch.randperm(all_inputs.shape[0], device=all_inputs.device)
+    return max(lam, 1 - lam), torch.randperm(n, device=device)
+
+
+def mixmatch(all_inputs, all_targets, alpha, rows=None, mix=None):
+    """Mix the first `rows` rows (None: all) with partners from a random permutation of all rows of this process's
+    batch, by l ~ Beta(alpha, alpha) taken as max(l, 1 - l); mix: draw_mix's (l, permutation), drawn here if None.
+
+    With several processes a row's partner comes from its own rank's rows and each rank draws its own l: the
+    original's rule on a batch of B / world rows, with no images sent between processes (see README)."""
+    lam, idx = mix if mix is not None else draw_mix(all_inputs.shape[0], alpha, all_inputs.device)
     if rows is None:
         return lam * all_inputs + (1 - lam) * all_inputs[idx], lam * all_targets + (1 - lam) * all_targets[idx]
     return (lam * all_inputs[:rows] + (1 - lam) * all_inputs[idx[:rows]],
@@ -345,6 +406,43 @@ def co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device):
                                    desc=f"epoch {epoch} net{k + 1}"))
         timing[f"train{k + 1}"] = time.perf_counter() - t0
     return results, timing
+
+
+@torch.no_grad()
+def embed(net, loader, device, precision=None):
+    """Penultimate embeddings (net.features, eval mode) of every sample of an in-order loader, in loader order;
+    with several processes each rank's rows, gathered in rank order. Returned on the training device."""
+    precision = precision or Precision()
+    net.eval()
+    rows = []
+    for inputs, _ in loader:
+        with precision.autocast(device):
+            rows.append(net.features(precision.prepare(inputs.to(device, non_blocking=True))).float())
+    return gather_rows(torch.cat(rows).cpu() if rows else torch.zeros(0)).to(device)
+
+
+def knn_scores(features, k, chunk=1024):
+    """Each sample's mean cosine distance to its k nearest other samples: exact, by chunked matrix products on the
+    features' device (an out-of-distribution image lies far from the rest)."""
+    z = F.normalize(features.float(), dim=1)
+    n = z.shape[0]
+    k = min(k, n - 1)
+    scores = torch.empty(n, device=z.device)
+    for start in range(0, n, chunk):
+        sim = z[start:start + chunk] @ z.T
+        rows = torch.arange(start, min(start + chunk, n), device=z.device)
+        sim[rows - start, rows] = -float("inf")  # a sample is not its own neighbour
+        scores[rows] = 1 - sim.topk(k, dim=1).values.mean(1)
+    return scores
+
+
+def ood_removal(scores, fraction):
+    """The samples to take out of both the labeled and the unlabeled set: the int(fraction * N) highest scores."""
+    removed = np.zeros(len(scores), dtype=bool)
+    count = int(fraction * len(scores))
+    if count:
+        removed[torch.as_tensor(scores).cpu().topk(count).indices.numpy()] = True
+    return removed
 
 
 def gmm_summary(gmm):

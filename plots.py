@@ -240,6 +240,35 @@ def division_figure(run, title):
     return fig
 
 
+def classwise_figure(run, title):
+    """Per-class labeled counts and thresholds of the last class-wise division (--division classwise); None
+    when the run has none."""
+    last = next((rec for rec in reversed(run.records) if "classwise" in rec.get("net1", {})), None)
+    if last is None:
+        return None
+    fig = Figure(figsize=(10, 3.5))
+    counts, thresholds = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for k, offset in ((1, -0.2), (2, 0.2)):
+        per_class = last[f"net{k}"]["classwise"]
+        classes = np.asarray(per_class["classes"])
+        counts.bar(classes + offset, per_class["labeled"], width=0.4, label=f"from net{k}'s losses")
+        shown = [(c, t) for c, t in zip(classes, per_class["threshold"]) if t is not None]
+        if shown:
+            thresholds.plot(*zip(*shown), "o" if k == 1 else "x", label=f"from net{k}'s losses")
+        fell_back = per_class["fallback"]
+        if fell_back:
+            counts.plot(fell_back, [0] * len(fell_back), "k|", ms=12, label=f"net{k}: global fit (too few)")
+    counts.set_title(f"labeled samples per class, epoch {last['epoch']}", fontsize=9)
+    thresholds.set_title("largest GMM input still labeled, per class", fontsize=9)
+    for ax in (counts, thresholds):
+        ax.set_xlabel("observed (noisy) class")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- driver
 
 def make_plots(runs, out_dir, epochs=None):
@@ -260,9 +289,10 @@ def make_plots(runs, out_dir, epochs=None):
                     snapshot = {name: data[name] for name in data.files}
                 path = os.path.join(out_dir, f"losses_{label}_epoch_{epoch:03d}.png")
                 written.append(save(loss_figure(snapshot, f"{title}, epoch {epoch}"), path))
-            fig = division_figure(run, title)
-            if fig is not None:
-                written.append(save(fig, os.path.join(out_dir, f"division_{label}.png")))
+            for name, draw in (("division", division_figure), ("classwise", classwise_figure)):
+                fig = draw(run, title)
+                if fig is not None:
+                    written.append(save(fig, os.path.join(out_dir, f"{name}_{label}.png")))
     return written
 
 
