@@ -253,6 +253,8 @@ class ListLoaders:
 
         batch_size: the global batch of a shuffled (training) loader, the per-process batch of one in order."""
         sampler = None
+        # an empty division gives a loader of no batches: torch refuses to shuffle an empty set
+        shuffle = shuffle and len(paths) > 0
         if self.shard is not None and shuffle:
             sampler, shuffle = self.shard.sampler(len(paths)), False
             batch_size //= self.shard.world

@@ -5,12 +5,14 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from dataloader_webvision import WebVision, transforms
 from dividemix import topk_accuracy
 from fake_realworld import write_fake_webvision
+from imagelist import ListLoaders
 from InceptionResNetV2 import InceptionResNetV2
 from utils import UserError
 
@@ -102,3 +104,11 @@ def test_missing_data_is_one_line(tmp_path):
     proc = run_script("--data_path", tmp_path, "--output_dir", tmp_path / "o")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("error: WebVision:")
+
+
+def test_an_empty_division_gives_loaders_of_no_batches():
+    """A division that labels nothing (or everything) leaves an empty list: its loader yields no batch."""
+    loaders = ListLoaders(0, torch.device("cpu"), 0)
+    for mode, shuffle in (("labeled", True), ("unlabeled", True), ("plain", False)):
+        loader = loaders([], np.zeros(0, dtype=np.int64), lambda image: image, mode, np.zeros(0), 4, shuffle)
+        assert list(loader) == [] and len(loader.dataset) == 0
