@@ -29,7 +29,7 @@ from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, R
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
-                 "warm_up", "pretrained", "image_size")
+                 "warm_up", "pretrained", "image_size", "division")
 # Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
 # epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
 FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
@@ -66,6 +66,8 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max_bad_images", default=100, type=int,
                    help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
+    p.add_argument("--division", default="global", choices=("global", "classwise"),
+                   help="classwise: a GMM per observed class (RSL; see the README's successors section)")
     p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
                    help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
                         "has no SyncBatchNorm)")
@@ -184,7 +186,8 @@ def train(args, run, device):
             t0 = time.perf_counter()
             idx = data.draw(args.num_batches * args.batch_size, draws)
             losses = eval_train(net, data.eval_loader(idx), device, precision)
-            prob, _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1)
+            labels = np.asarray(data.train_labels)[idx] if args.division == "classwise" else None
+            prob, _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1, None, labels)
             divisions[k] = (idx, prob)
             records[k].update(stats, gmm=gmm_summary(gmm))
             timing[f"eval{k + 1}"] = time.perf_counter() - t0

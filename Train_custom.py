@@ -59,7 +59,7 @@ LAYOUT_DEFAULTS = {
 }
 DEFINING_ARGS = ("layout", "arch", "pretrained", "image_size", "augment", "batch_size", "lr", "weight_decay", "alpha",
                  "lambda_u", "unlabeled_loss", "p_threshold", "T", "seed", "warm_up", "warmup_penalty",
-                 "lr_decay_epoch")
+                 "lr_decay_epoch", "division")
 # Allowed values of every numeric flag, checked before anything is read or written (the class count is no flag:
 # it comes from the data). Epoch 0 must be a warm-up epoch: the division an epoch trains on is made at the end of
 # the epoch before.
@@ -124,6 +124,8 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max_bad_images", default=100, type=int,
                    help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
+    p.add_argument("--division", default="global", choices=("global", "classwise"),
+                   help="classwise: a GMM per observed class (RSL; see the README's successors section)")
     p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
                    help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
                         "has no SyncBatchNorm)")
@@ -351,6 +353,8 @@ def train(args, run, data, sources, device):
     train_nets = wrap_ddp(nets, device, sync_bn)
 
     # ---- epochs --------------------------------------------------------------------------------------------
+    # the noisy labels of the training set, when each class gets its own GMM
+    classwise_labels = torch.as_tensor(feed.train_labels).cpu().numpy() if args.division == "classwise" else None
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
         if shard is not None:
@@ -393,7 +397,8 @@ def train(args, run, data, sources, device):
         for k, net in enumerate(nets):
             t0 = time.perf_counter()
             losses = eval_train(net, feed.eval_loader, device, precision)
-            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1)
+            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1, None,
+                                              classwise_labels)
             records[k].update(stats, gmm=gmm_summary(gmm))
             if verified is not None:  # how well the division finds the hand-checked labels
                 records[k]["verified"] = division_stats(probs[k][verified[0]], args.p_threshold, verified[1])

@@ -25,7 +25,7 @@ from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_f
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
-                 "image_size", "train_crop")
+                 "image_size", "train_crop", "division")
 # Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
 # epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
 FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
@@ -61,6 +61,8 @@ def get_args_parser():
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max_bad_images", default=100, type=int,
                    help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
+    p.add_argument("--division", default="global", choices=("global", "classwise"),
+                   help="classwise: a GMM per observed class (RSL; see the README's successors section)")
     p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
                    help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
                         "has no SyncBatchNorm)")
@@ -116,6 +118,8 @@ def train(args, run, device):
     train_nets = wrap_ddp(nets, device, sync_bn)
 
     # ---- epochs --------------------------------------------------------------------------------------------
+    # the noisy labels of the training list, when each class gets its own GMM
+    classwise_labels = torch.as_tensor(data.train_labels).cpu().numpy() if args.division == "classwise" else None
     for epoch in range(start_epoch, args.num_epochs + 1):
         t_epoch = time.perf_counter()
         if shard is not None:
@@ -146,7 +150,8 @@ def train(args, run, device):
         for k, net in enumerate(nets):
             t0 = time.perf_counter()
             losses = eval_train(net, data.eval_loader, device, precision)
-            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1)
+            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1, None,
+                                              classwise_labels)
             records[k].update(stats, gmm=gmm_summary(gmm))
             timing[f"eval{k + 1}"] = time.perf_counter() - t0
 

@@ -259,3 +259,30 @@ def test_plots_draw_the_classwise_division(tmp_path):
     names = sorted(os.listdir(tmp_path / "p"))
     assert "classwise_cifar10_asym_0.4_seed1.png" in names
     assert (tmp_path / "p" / "classwise_cifar10_asym_0.4_seed1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("script", ["Train_clothing1M.py", "Train_webvision.py", "Train_custom.py"])
+def test_classwise_division_in_the_other_scripts(tmp_path, script):
+    """--division classwise reaches the division every script makes at the end of its warm-up epoch."""
+    from fake_custom import write_image_folder
+    from fake_realworld import write_fake_clothing1m, write_fake_webvision
+    data, out = tmp_path / "data", tmp_path / "out"
+    args = ["--data_path", str(data), "--output_dir", str(out), "--num_epochs", "0", "--batch_size", "4",
+            "--num_workers", "0", "--division", "classwise"]
+    if script == "Train_clothing1M.py":
+        write_fake_clothing1m(str(data))
+        args += ["--pretrained", "none", "--num_batches", "3", "--image_size", "64"]
+    elif script == "Train_webvision.py":
+        write_fake_webvision(str(data), n_train=24, n_val=6, n_imagenet=6)
+        args += ["--image_size", "107"]
+    else:
+        write_image_folder(str(data))
+        args += ["--pretrained", "none", "--arch", "preact_resnet18", "--image_size", "16"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = next(p for p in os.listdir(out) if p.endswith("_log.jsonl"))
+    record = json.loads(open(out / log).readline())
+    per_class = record["net1"]["classwise"]
+    assert sum(per_class["labeled"]) == record["net1"]["labeled"]
+    assert per_class["fallback"] == per_class["classes"]  # a handful of images a class: the global fit
