@@ -247,3 +247,17 @@ def test_bench_reports_scaling_against_one_process():
         many = report["n_processes"]["phases"][phase]["images_per_s"]
         assert one > 0 and many > 0 and abs(report["efficiency"][phase] - many / (2 * one)) < 1e-9
     assert report["epoch_efficiency"] > 0
+
+
+def test_successor_options_keep_every_rank_equal(data, tmp_path):
+    """Class-wise division, the kNN filter and mixed embeddings (two forwards before one backward under DDP) leave
+    every rank with the same weights, optimizer states and divisions."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    ok(torchrun(2, launch("Train_cifar.py"),
+                *cifar_args(data, tmp_path / "run", 2, "--division", "classwise", "--ood_filter", "knn", "--ood_k",
+                            "3", "--ood_interval", "1", "--mix", "input+embedding"), env={"PROBE": str(probe)}))
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [e["epoch"] for e in ranks[0]["epochs"]] == [0, 1, 2]
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] and ranks[0]["divisions"] == ranks[1]["divisions"]
+    assert [d["epoch"] for d in ranks[0]["divisions"]] == [1, 2]  # both co-divide epochs, both nets' divisions
