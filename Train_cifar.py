@@ -290,12 +290,14 @@ def train(args, run, sources, device):
                                                   len(ood_images))
     noise_path = dataloader_cifar.noise_source(args)
     files = {"noise_file": noise_path}
+    source = ("CIFAR-N file " if args.noise_mode in dataloader_cifar.CIFARN_MODES else "noise file ") + noise_path
     if args.ood_ratio:
         files["ood_file"] = dataloader_cifar.ood_file_path(args)
+        source += " and replacement file " + files["ood_file"]
         train_x[replaced] = ood_images[source_index]  # open-set images keep the label of the image they replace
     # the labels (and the replaced images) define a run like its flags
     run.check_labels(resume, defining, np.concatenate([noisy, replaced, source_index]) if args.ood_ratio else noisy,
-                     " and ".join(files.values()))
+                     source)
     shard = make_shard(args.seed)
     data = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, args.dataset, device, shard,
                                       ood=replaced if args.ood_ratio else None)

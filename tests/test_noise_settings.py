@@ -294,3 +294,16 @@ def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path)
     assert [r["phase"] for r in records] == ["warmup", "train"]
     for net in ("net1", "net2"):
         assert 0 <= records[1][net]["ood_labeled"] <= min(16, records[1][net]["labeled"])
+    # other replacement images than the checkpoint's: --resume refuses, naming both files
+    replacement = json.load(open(config["ood_file"]))
+    replacement["source_index"] = replacement["source_index"][1:] + replacement["source_index"][:1]
+    with open(config["ood_file"], "w") as f:
+        json.dump(replacement, f)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--data_path", data_path,
+                           "--output_dir", str(out), "--noise_mode", "worst", "--ood_ratio", "0.25", "--ood_path",
+                           str(tmp_path / "ood.npz"), "--num_epochs", "2", "--warm_up", "1", "--batch_size", "8",
+                           "--eval_batch_size", "64", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert (f"training labels from CIFAR-N file {data_path}/CIFAR-10_human.pt and replacement file "
+            f"{config['ood_file']} differ") in proc.stderr
