@@ -6,7 +6,6 @@ Two PreAct ResNet-18s are warmed up on the noisy labels; then every epoch each n
 split by a two-component GMM into a labeled (clean) and an unlabeled (noisy) set for the OTHER net
 (co-divide), which trains on them with MixMatch, label co-refinement and co-guessing.
 """
-import argparse
 import os
 import sys
 import time
@@ -21,9 +20,10 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, eval_train, evaluate,
                        gmm_summary, knn_scores, normalise_losses, ood_removal, set_learning_rate)
 from PreResNet import ResNet18
-from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_write, broadcast_from_main, check_flags,
-                   check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
-                   run_config, run_state, seed_process, sync_buffers, timed, world_size, wrap_ddp)
+from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, add_engine_arguments, atomic_write,
+                   broadcast_from_main, check_flags, check_sync_bn, init_distributed, is_main_process, json_safe,
+                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, timed,
+                   world_size, wrap_ddp)
 
 # The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
 PAPER_PRESETS = {
@@ -80,14 +80,8 @@ def get_args_parser():
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for the forwards (default: on with CUDA, off on the CPU)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels_last memory layout for nets and batches")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
     # Successors' ideas (README "Successors' ideas as options"), all off by default.
-    p.add_argument("--division", default="global", choices=("global", "classwise"),
-                   help="classwise: a GMM per observed class (RSL)")
     p.add_argument("--ood_filter", default="none", choices=("none", "knn"),
                    help="knn: take the samples farthest from their k nearest neighbours in embedding space out of "
                         "both sets (Manifold DivideMix)")
@@ -97,9 +91,7 @@ def get_args_parser():
     p.add_argument("--mix", default="input", choices=("input", "input+embedding"),
                    help="input+embedding: also mix the penultimate embeddings (Manifold DivideMix's MixEMatch)")
     p.add_argument("--lambda_e", default=1.0, type=float, help="weight of the mixed embeddings' loss terms")
-    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
-                        "has no SyncBatchNorm)")
+    add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn
     return p
 
 

@@ -7,7 +7,6 @@ list; the division used in an epoch was made at the END of the previous one, eac
 labeled rows enter the loss (Lx + penalty); warm-up adds the confidence penalty; the best-validation weights of
 each net are kept and tested together at the end.
 """
-import argparse
 import os
 import sys
 import time
@@ -22,10 +21,11 @@ from cli import run_main
 from dataloader_clothing1M import Clothing1M
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
-from imagelist import default_num_workers
-from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_save,
-                   check_flags, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size,
-                   make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from imagelist import add_loader_arguments
+from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, add_engine_arguments,
+                   atomic_save, check_flags, check_sync_bn, init_distributed, is_main_process, json_safe,
+                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size,
+                   wrap_ddp)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
@@ -60,17 +60,8 @@ def get_args_parser():
     p.add_argument("--pretrained", default="imagenet",
                    help="'imagenet' (torchvision's IMAGENET1K_V1 weights), a state-dict file, or 'none'")
     p.add_argument("--image_size", default=224, type=int, help="crop size (resize = size * 256 / 224); paper: 224")
-    p.add_argument("--num_workers", default=default_num_workers(), type=int, help="image-loading processes")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, off on the CPU)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max_bad_images", default=100, type=int,
-                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
-    p.add_argument("--division", default="global", choices=("global", "classwise"),
-                   help="classwise: a GMM per observed class (RSL; see the README's successors section)")
-    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
-                        "has no SyncBatchNorm)")
+    add_loader_arguments(p)  # --num_workers, --max_bad_images
+    add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn
     return p
 
 

@@ -27,11 +27,12 @@ import dataloader_custom
 from cli import run_main
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, division_stats, eval_train,
                        evaluate, gmm_summary, normalise_losses, predict, set_learning_rate)
-from imagelist import default_num_workers
+from imagelist import add_loader_arguments
 from PreResNet import PreActBlock, PreActResNet
-from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, atomic_save, atomic_write,
-                   check_flags, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size,
-                   make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, add_engine_arguments, atomic_save,
+                   atomic_write, check_flags, check_sync_bn, init_distributed, is_main_process, json_safe,
+                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size,
+                   wrap_ddp)
 
 TORCHVISION_ARCHS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
 ARCHS = ("preact_resnet18",) + tuple(TORCHVISION_ARCHS)
@@ -118,17 +119,8 @@ def get_args_parser():
     p.add_argument("--output_dir", default="./checkpoint", type=str)
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
-    p.add_argument("--num_workers", default=default_num_workers(), type=int, help="image-loading processes")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, off on the CPU)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max_bad_images", default=100, type=int,
-                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
-    p.add_argument("--division", default="global", choices=("global", "classwise"),
-                   help="classwise: a GMM per observed class (RSL; see the README's successors section)")
-    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
-                        "has no SyncBatchNorm)")
+    add_loader_arguments(p)  # --num_workers, --max_bad_images
+    add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn
     return p
 
 

@@ -6,7 +6,6 @@ Differences from CIFAR (SPEC section 3): the division used in an epoch was made 
 only the labeled rows enter the loss (Lx + penalty); warm-up is plain cross-entropy; after each epoch the summed
 logits are scored top-1/top-5 on WebVision val and on ImageNet val of the same 50 classes.
 """
-import argparse
 import sys
 import time
 
@@ -17,11 +16,11 @@ from cli import run_main
 from dataloader_webvision import WebVision
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
-from imagelist import default_num_workers
+from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, check_flags, check_sync_bn, init_distributed,
-                   is_main_process, json_safe, local_batch_size, make_shard, on_main, run_config, run_state,
-                   seed_process, sync_buffers, world_size, wrap_ddp)
+from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, add_engine_arguments, check_flags,
+                   check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
+                   run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
@@ -55,17 +54,8 @@ def get_args_parser():
     p.add_argument("--train_crop", default="random_resized", help="random_resized (current original code) or center "
                                                                   "(behind the published numbers)")
     p.add_argument("--image_size", default=299, type=int, help="crop size (resize = size * 320 / 299); paper: 299")
-    p.add_argument("--num_workers", default=default_num_workers(), type=int, help="image-loading processes")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA, off on the CPU)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--max_bad_images", default=100, type=int,
-                   help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the first")
-    p.add_argument("--division", default="global", choices=("global", "classwise"),
-                   help="classwise: a GMM per observed class (RSL; see the README's successors section)")
-    p.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the CPU "
-                        "has no SyncBatchNorm)")
+    add_loader_arguments(p)  # --num_workers, --max_bad_images
+    add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn
     return p
 
 

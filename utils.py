@@ -33,6 +33,19 @@ DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
 
 
+def add_engine_arguments(parser):
+    """The flags every training script shares: numerics and memory layout, the division, torchrun's BatchNorm."""
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast for the forwards (default: on with CUDA, off on the CPU)")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels_last memory layout for nets and batches")
+    parser.add_argument("--division", default="global", choices=("global", "classwise"),
+                        help="classwise: a GMM per observed class (RSL; see the README's successors section)")
+    parser.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
+                        help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the "
+                             "CPU has no SyncBatchNorm)")
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse with the project's error style: one `error: ...` line and exit code 2, no usage block."""
 
