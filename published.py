@@ -45,7 +45,8 @@ SOURCES = {
                 "(PreAct ResNet-18, 300 epochs): best epoch, mean ± std."),
     "instancegm": ("InstanceGM paper", "Garg et al., \"Instance-Dependent Noisy Label Learning via Graphical "
                    "Modelling\", WACV 2023: DivideMix on CIFAR-100 with instance-dependent noise as reported "
-                   "there. Taken here as best-epoch numbers and compared with our best epoch."),
+                   "there, on the labels of Xia et al.'s generator as its CIFAR loader calls it (seed 123), which "
+                   "--noise_mode idn reproduces. Taken here as best-epoch numbers and compared with our best epoch."),
 }
 
 # Report tables of CIFAR runs, in report order: (table id, heading).

@@ -1,7 +1,9 @@
 """The newer noise settings: CIFAR-N's human labels, instance-dependent noise and open-set noise."""
+import hashlib
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import zipfile
@@ -12,8 +14,8 @@ import torch
 
 import dataloader_cifar
 from dataloader_cifar import (CIFARN_KEYS, CIFARData, check_noise_fits, choose_replacement, expected_changes,
-                              get_args_parser, instance_noise, load_or_create_noise, load_or_create_replacement,
-                              read_cifar, read_cifarn, read_ood_source, truncated_normal_mean, validate_setting)
+                              get_args_parser, idn_flip_distribution, instance_noise, load_or_create_noise,
+                              load_or_create_replacement, read_cifar, read_cifarn, read_ood_source, validate_setting)
 from dataloader_cifar import main as noise_main
 from fake_cifar import write_fake_cifar
 from utils import UserError
@@ -144,12 +146,67 @@ def test_cifarn_modes_have_no_r_and_others_default_to_half():
 
 # ----------------------------------------------------------------------------- instance-dependent noise
 
-@pytest.mark.parametrize("num_class, r", [(10, 0.2), (10, 0.4), (100, 0.5)])
-def test_idn_rate_on_50000_images(num_class, r):
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (50000, 3, 32, 32), dtype=np.uint8)
+# Digests of the labels that Xia et al.'s published generator makes, as InstanceGM's CIFAR loader calls it: that
+# code itself was run (on the CPU) on the images and clean labels the file describes; see its "what".
+IDN_REFERENCE = json.load(open(os.path.join(os.path.dirname(__file__), "reference_noise_vectors_idn.json")))
+
+
+def idn_reference_images():
+    """The reference file's training images: 50,000 CIFAR rows of seeded random pixels, as N x 3 x 32 x 32."""
+    return np.random.RandomState(2020).randint(0, 256, (50000, 3072), dtype=np.uint8).reshape(50000, 3, 32, 32)
+
+
+def _idn_case(key):
+    """'cifar100_idn_0.4_seed123' -> (dataset, num_class, r, seed)."""
+    dataset, _, r, seed = key.split("_")
+    return dataset, 10 if dataset == "cifar10" else 100, float(r), int(seed[len("seed"):])
+
+
+def _digest(labels):
+    """The reference files' digest: sha256 of the json.dumps()-ed label list."""
+    return hashlib.sha256(json.dumps([int(y) for y in labels]).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def idn_images():
+    """The reference images, made once for the module."""
+    return idn_reference_images()
+
+
+@pytest.mark.parametrize("key", sorted(IDN_REFERENCE["vectors"]))
+def test_idn_equals_the_published_generator(idn_images, key):
+    _, num_class, r, seed = _idn_case(key)
     clean = np.arange(50000) % num_class
-    labels = instance_noise(images, clean, r, num_class, 123)
+    labels = instance_noise(idn_images, clean, r, num_class, seed)
+    ref = IDN_REFERENCE["vectors"][key]
+    assert labels[:12].tolist() == ref["head"]
+    assert int((labels != clean).sum()) == ref["n_changed"]
+    assert _digest(labels) == ref["sha256"]
+
+
+def test_idn_reference_set_covers_both_data_sets_and_seeds():
+    cases = [_idn_case(k) for k in IDN_REFERENCE["vectors"]]
+    assert {c[0] for c in cases} == {"cifar10", "cifar100"} and {c[3] for c in cases} == {7, 123}
+    assert {c[2] for c in cases if c[0] == "cifar100"} >= {0.2, 0.4, 0.5}
+
+
+def test_noise_command_writes_the_published_idn_labels(tmp_path, idn_images):
+    # end to end: CIFAR-100's file as the data set ships it, read back, the default --seed, the usual file name
+    rows = idn_images.reshape(50000, 3072)
+    with open(tmp_path / "train", "wb") as f:
+        pickle.dump({"data": rows, "fine_labels": (np.arange(50000) % 100).tolist()}, f, protocol=2)
+    with open(tmp_path / "test", "wb") as f:
+        pickle.dump({"data": rows[:10], "fine_labels": list(range(10))}, f, protocol=2)
+    noise_main(get_args_parser().parse_args(["--dataset", "cifar100", "--data_path", str(tmp_path), "--r", "0.4",
+                                             "--noise_mode", "idn"]))
+    labels = json.load(open(tmp_path / "0.4_idn.json"))
+    assert _digest(labels) == IDN_REFERENCE["vectors"]["cifar100_idn_0.4_seed123"]["sha256"]
+
+
+@pytest.mark.parametrize("num_class, r", [(10, 0.4), (100, 0.3)])
+def test_idn_rate_on_50000_images(idn_images, num_class, r):
+    clean = np.arange(50000) % num_class
+    labels = instance_noise(idn_images, clean, r, num_class, 123)
     assert labels.shape == (50000,) and labels.min() >= 0 and labels.max() < num_class
     assert abs(np.mean(labels != clean) - r) < 0.01
     # every class receives flips from the others: the noise is not one fixed map
@@ -171,13 +228,14 @@ def test_idn_depends_on_the_image_and_is_seeded():
 
 
 def test_idn_expected_changes_and_file_check(tmp_path):
-    assert truncated_normal_mean(0.5, 0.1) == pytest.approx(0.5)
-    assert truncated_normal_mean(0.05, 0.1) > 0.05  # the cut at 0 lifts the mean
+    assert idn_flip_distribution(0.5).mean() == pytest.approx(0.5)
+    assert idn_flip_distribution(0.05).mean() > 0.05  # the cut at 0 lifts the mean
+    assert idn_flip_distribution(0.4).support() == (0, 1) and idn_flip_distribution(0.4).std() < 0.1
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (5000, 3, 32, 32), dtype=np.uint8)
     clean = (np.arange(5000) % 10).tolist()
     mean, sd = expected_changes(clean, 0.4, "idn", 10)
-    assert mean == pytest.approx(5000 * truncated_normal_mean(0.4, 0.1)) and sd > 0
+    assert mean == pytest.approx(5000 * idn_flip_distribution(0.4).mean()) and sd > 0
     path = str(tmp_path / "0.4_idn.json")
     labels, created = load_or_create_noise(path, clean, 0.4, "idn", 10, 5, images=images)
     assert created and json.load(open(path)) == labels

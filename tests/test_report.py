@@ -297,7 +297,8 @@ ICLR 2022: DivideMix on CIFAR-10N and CIFAR-100N, best epoch, mean ± std of 3 r
 epoch, mean ± std.
 
 [^instancegm]: Garg et al., "Instance-Dependent Noisy Label Learning via Graphical Modelling", WACV 2023: DivideMix \
-on CIFAR-100 with instance-dependent noise as reported there. Taken here as best-epoch numbers and compared with \
+on CIFAR-100 with instance-dependent noise as reported there, on the labels of Xia et al.'s generator as its CIFAR \
+loader calls it (seed 123), which --noise_mode idn reproduces. Taken here as best-epoch numbers and compared with \
 our best epoch.
 """
 
