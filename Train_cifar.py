@@ -20,28 +20,12 @@ import dataloader_cifar
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, eval_train, evaluate,
                        gmm_summary, knn_scores, normalise_losses, ood_removal, set_learning_rate)
 from PreResNet import ResNet18
+from presets import NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
 from utils import (TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, add_engine_arguments, atomic_write,
                    broadcast_from_main, check_flags, check_sync_bn, init_distributed, is_main_process, json_safe,
                    local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, timed,
                    world_size, wrap_ddp)
 
-# The paper's per-setting values (appendix); the original code's defaults are lambda_u 25, p_threshold 0.5.
-PAPER_PRESETS = {
-    ("cifar10", "sym", 0.2): {"lambda_u": 0, "p_threshold": 0.5},
-    ("cifar10", "sym", 0.5): {"lambda_u": 25, "p_threshold": 0.5},
-    ("cifar10", "sym", 0.8): {"lambda_u": 25, "p_threshold": 0.5},
-    ("cifar10", "sym", 0.9): {"lambda_u": 50, "p_threshold": 0.6},
-    ("cifar10", "asym", 0.4): {"lambda_u": 0, "p_threshold": 0.5},
-    ("cifar100", "sym", 0.2): {"lambda_u": 25, "p_threshold": 0.5},
-    ("cifar100", "sym", 0.5): {"lambda_u": 150, "p_threshold": 0.5},
-    ("cifar100", "sym", 0.8): {"lambda_u": 150, "p_threshold": 0.5},
-    ("cifar100", "sym", 0.9): {"lambda_u": 150, "p_threshold": 0.6},
-}
-ORIGINAL_DEFAULTS = {"lambda_u": 25, "p_threshold": 0.5}
-# CIFAR-N's human labels: the settings of the independent noisypy reproduction (the CIFAR-N authors published
-# none), with the warm-up's confidence penalty.
-CIFARN_PRESET = {"lambda_u": 0, "p_threshold": 0.5}
-WARM_UP = {"cifar10": 10, "cifar100": 30}
 LR_DECAY_EPOCH = 150
 # Arguments that define a run: --resume refuses a checkpoint made with other values.
 DEFINING_ARGS = ("dataset", "r", "noise_mode", "seed", "batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T",
@@ -100,10 +84,8 @@ def resolve_settings(args):
     check_flags(args, FLAG_RANGES)
     dataloader_cifar.resolve_noise_args(args)
     sources = {}
-    # Only the paper's own r has a paper cell: --r 0.45 trains at 0.45 and gets no cell of 0.4 or 0.5.
-    preset, preset_source = PAPER_PRESETS.get((args.dataset, args.noise_mode, args.r)), "paper preset"
-    if args.noise_mode in dataloader_cifar.CIFARN_MODES:
-        preset, preset_source = CIFARN_PRESET, "CIFAR-N preset of the noisypy reproduction"
+    kind, preset = setting_preset(args.dataset, args.noise_mode, args.r)
+    preset_source = {"paper": "paper preset", "cifarn": "CIFAR-N preset of the noisypy reproduction"}.get(kind)
     for name in ("lambda_u", "p_threshold"):
         if getattr(args, name) is not None:
             sources[name] = "flag"
@@ -113,9 +95,8 @@ def resolve_settings(args):
         else:
             setattr(args, name, float(ORIGINAL_DEFAULTS[name]))
             sources[name] = "original-code default (no paper preset for this setting)"
-    window_source = ("paper preset" if preset_source == "paper preset" and preset is not None
-                     else "rule: 5 at r = 0.9, else 1 (no paper cell for this setting)")
-    derived = {"num_class": (dataloader_cifar.NUM_CLASSES[args.dataset], f"from --dataset {args.dataset}"),
+    window_source = "paper preset" if kind == "paper" else "rule: 5 at r = 0.9, else 1 (no paper cell for this setting)"
+    derived = {"num_class": (NUM_CLASSES[args.dataset], f"from --dataset {args.dataset}"),
                "warm_up": (WARM_UP[args.dataset], f"from --dataset {args.dataset}"),
                "loss_window": (5 if args.r == 0.9 else 1, window_source)}
     for name, (value, source) in derived.items():
@@ -127,20 +108,10 @@ def resolve_settings(args):
     if args.ood_remove >= 1:
         raise UserError(f"--ood_remove {args.ood_remove:g} would take every training image out: give a fraction "
                         "below 1")
-    if args.num_class < dataloader_cifar.NUM_CLASSES[args.dataset]:
-        raise UserError(f"--num_class {args.num_class} is below the {dataloader_cifar.NUM_CLASSES[args.dataset]} "
+    if args.num_class < NUM_CLASSES[args.dataset]:
+        raise UserError(f"--num_class {args.num_class} is below the {NUM_CLASSES[args.dataset]} "
                         f"classes of {args.dataset}: drop the flag, it follows --dataset")
     return sources
-
-
-def run_prefix(dataset, r, noise_mode, ood_ratio=0.0):
-    """The run's file prefix, e.g. cifar10_0.5_sym: the original's name for one-decimal r, every digit otherwise;
-    cifar10_worst for CIFAR-N (no r); _ood<O> appended with open-set noise (cifar10_0.2_sym_ood0.2)."""
-    if noise_mode in dataloader_cifar.CIFARN_MODES:
-        prefix = "%s_%s" % (dataset, noise_mode)
-    else:
-        prefix = "%s_%s_%s" % (dataset, dataloader_cifar.ratio_text(r), noise_mode)
-    return prefix + ("_ood" + dataloader_cifar.ratio_text(ood_ratio) if ood_ratio else "")
 
 
 def create_model(num_class, device, precision, compile_net=False):

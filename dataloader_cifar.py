@@ -10,16 +10,15 @@ import os
 import pickle
 import random
 import shutil
-from decimal import Decimal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cli import run_main
+from presets import CIFARN_MODES, NUM_CLASSES, noise_file_name, ratio_text
 from utils import SEED, FlagParser, Range, UserError, check_flags, check_value
 
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.507, 0.487, 0.441), (0.267, 0.256, 0.276)),
@@ -31,10 +30,8 @@ ASYM_TRANSITION = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # truck->automobile, bird->air
 # CIFAR-100 asym as the successors define it: 20 blocks of 5 consecutive fine-label indices (not the semantic
 # superclasses), each class flipping to the next one in its block, the last back to the first.
 ASYM_TRANSITION_CIFAR100 = {c: c - c % 5 + (c + 1) % 5 for c in range(100)}
-# CIFAR-N (Wei et al., ICLR 2022): each human-label mode, the data set it labels, and its key in the release's
-# file (the worst labels are stored as worse_label).
-CIFARN_MODES = {"aggre": "cifar10", "worst": "cifar10", "rand1": "cifar10", "rand2": "cifar10", "rand3": "cifar10",
-                "noisy100": "cifar100"}
+# CIFAR-N (Wei et al., ICLR 2022): each human-label mode's key in the release's file (the worst labels are stored
+# as worse_label).
 CIFARN_KEYS = {"aggre": "aggre_label", "worst": "worse_label", "rand1": "random_label1", "rand2": "random_label2",
                "rand3": "random_label3", "noisy100": "noisy_label"}
 CIFARN_FILES = {"cifar10": "CIFAR-10_human.pt", "cifar100": "CIFAR-100_human.pt"}
@@ -182,20 +179,9 @@ def noise_seed(seed, legacy_string_seed=False):
     return str(seed) if legacy_string_seed else seed
 
 
-def ratio_text(r):
-    """r as file names show it: one decimal where that is exact (the original's names), else every digit of r."""
-    r = float(r)
-    if r == round(r, 1):
-        return "%.1f" % r
-    # repr is the shortest text that reads back as r; Decimal writes it without an exponent (1e-05 -> 0.00001)
-    return format(Decimal(repr(r)), "f")
-
-
 def noise_file_path(data_path, r, noise_mode, ood_ratio=0.0):
-    """<data_path>/<r>_<noise_mode>.json: the original code's name (0.5_sym.json) for one-decimal r; with open-set
-    noise <r>_<noise_mode>_ood<O>.json (the in-distribution noise then falls on fewer images)."""
-    suffix = "_ood" + ratio_text(ood_ratio) if ood_ratio else ""
-    return os.path.join(data_path, "%s_%s%s.json" % (ratio_text(r), noise_mode, suffix))
+    """The default noise file of a setting: presets.noise_file_name in data_path."""
+    return os.path.join(data_path, noise_file_name(r, noise_mode, ood_ratio))
 
 
 def change_rate(clean_labels, noise_mode, num_class, transition=ASYM_TRANSITION):

@@ -15,6 +15,23 @@ DEFAULT_EPOCHS = {"cifar": 300, "clothing1m": 80, "webvision": 80}
 # Paper order first (sym before asym), then instance-dependent noise, then the CIFAR-N label sets.
 MODE_ORDER = {mode: i for i, mode in enumerate(("sym", "asym", "idn") + CIFARN_ROW_ORDER)}
 
+# A run killed before its first checkpoint landed has at most this many epochs logged: the epoch whose checkpoint
+# was being written in the background and the next one, which waits for that write to finish. More logged epochs
+# without a checkpoint are a run whose checkpoint is gone: a fresh start refuses to overwrite them.
+UNCHECKPOINTED_EPOCHS = 2
+
+
+def is_finished(last_epoch, num_epochs):
+    """Whether a run whose last logged epoch is last_epoch (None: none yet) has run all its epochs 0..num_epochs."""
+    return last_epoch is not None and num_epochs is not None and last_epoch >= num_epochs
+
+
+def restartable(logged_epochs):
+    """Whether logs of this many epochs and no checkpoint are what a run killed before its first checkpoint leaves,
+    so that a fresh start may replace them."""
+    return logged_epochs <= UNCHECKPOINTED_EPOCHS
+
+
 # Runs with the same key are seeds of one experiment. r is None for CIFAR-N labels and real-noise datasets;
 # ood_ratio is 0.0 without open-set noise (and for real-noise datasets).
 GroupKey = namedtuple("GroupKey", "kind dataset mode r ood_ratio lambda_u p_threshold num_epochs")
@@ -51,7 +68,7 @@ class Run:
         """Clothing1M: the final test line is written; CIFAR and WebVision: the last epoch is logged."""
         if self.kind == "clothing1m":
             return self.final is not None
-        return self.last_epoch is not None and self.last_epoch >= self.num_epochs
+        return is_finished(self.last_epoch, self.num_epochs)
 
     @property
     def status(self):

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 # The errors live in the torch-free cli.py (with run_main); the scripts keep importing them from here.
 from cli import STOP_SIGNALS, Interrupted, ReportedOnRankZero, UserError
+from rundirs import restartable
 
 DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
 # errno values of a write that failed for want of space or permission on the output's file system.
@@ -731,10 +732,6 @@ class RunDir:
     kept and the command that continues.
     """
 
-    # A kill before the first checkpoint landed leaves at most this many logged epochs: the epoch whose
-    # checkpoint was being written in the background and the next one, which waits for that write to finish.
-    UNCHECKPOINTED_EPOCHS = 2
-
     def __init__(self, folder, prefix, log_names, carried=(), main=True):
         """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder, "json"
         among them; carried: suffixes of the run's other files that a continuation in another folder needs;
@@ -932,7 +929,7 @@ class RunDir:
         if not self.logs.existing():
             return
         logged = _count_logged_epochs(self.logs.paths["json"])
-        if logged > self.UNCHECKPOINTED_EPOCHS:
+        if not restartable(logged):
             raise UserError(f"{self.folder} holds logs of {logged} epochs of a {self.prefix} run but no checkpoint: "
                             "move them away or choose another --output_dir (nothing was overwritten)")
         print(f"{self.folder} holds a {self.prefix} run stopped before its first checkpoint ({logged} epoch(s) "

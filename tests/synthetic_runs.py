@@ -8,9 +8,10 @@ import json
 import math
 import os
 import sys
-from decimal import Decimal
 
 import numpy as np
+
+from presets import run_prefix
 
 
 def write_json_lines(path, records):
@@ -57,23 +58,12 @@ def auc(prob, clean):
     return float((ranks[clean].sum() - pos * (pos + 1) / 2) / (pos * (len(prob) - pos)))
 
 
-def ratio_text(r):
-    """dataloader_cifar.ratio_text without importing torch: one decimal where exact, else every digit."""
-    return "%.1f" % r if r == round(r, 1) else format(Decimal(repr(float(r))), "f")
-
-
-def cifar_prefix(dataset, r, noise_mode, ood_ratio=0.0):
-    """Train_cifar.run_prefix: cifar10_0.5_sym, cifar10_worst (CIFAR-N, r None), `_ood<O>` with open-set noise."""
-    prefix = "%s_%s" % (dataset, noise_mode) if r is None else "%s_%s_%s" % (dataset, ratio_text(r), noise_mode)
-    return prefix + ("_ood%s" % ratio_text(ood_ratio) if ood_ratio else "")
-
-
 def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=123, accs=(), num_epochs=None,
                     lambda_u=25, p_threshold=0.5, warm_up=2, seconds=10.0, snapshots=(), n_samples=1000,
                     ood_ratio=0.0):
     """Write a Train_cifar.py run dir (test accuracy accs[e], npz at `snapshots`; r None: CIFAR-N); its prefix."""
     os.makedirs(run_dir, exist_ok=True)
-    prefix = cifar_prefix(dataset, r, noise_mode, ood_ratio)
+    prefix = run_prefix(dataset, r, noise_mode, ood_ratio)
     num_epochs = len(accs) - 1 if num_epochs is None else num_epochs
     write_config(os.path.join(run_dir, prefix + "_config.json"), "Train_cifar.py",
                  {"dataset": dataset, "r": r, "noise_mode": noise_mode, "seed": seed, "num_epochs": num_epochs,

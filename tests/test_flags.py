@@ -21,6 +21,7 @@ import Train_cifar
 import Train_clothing1M
 import Train_webvision
 from fake_cifar import write_fake_cifar
+from presets import PAPER_PRESETS
 from utils import SEED, TRAIN_FLAGS, Range, UserError, check_flags, check_value
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,7 +184,7 @@ def test_settings_say_paper_preset_only_for_a_paper_cell(argv, window, source):
     args = _parse("Train_cifar.py", argv)
     sources = Train_cifar.resolve_settings(args)
     assert args.loss_window == window and sources["loss_window"] == source
-    in_paper = (args.dataset, args.noise_mode, args.r) in Train_cifar.PAPER_PRESETS
+    in_paper = (args.dataset, args.noise_mode, args.r) in PAPER_PRESETS
     for name in ("lambda_u", "p_threshold"):
         assert (sources[name] == "paper preset") == in_paper
 

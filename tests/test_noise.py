@@ -101,10 +101,11 @@ def test_noise_file_names(r, name):
 
 
 def test_run_prefix_follows_the_same_rule():
-    from synthetic_runs import cifar_prefix
-    from Train_cifar import run_prefix
+    from presets import run_prefix
     for r, text in ((0.5, "0.5"), (0.3, "0.3"), (0.35, "0.35"), (0.0, "0.0"), (0.1 + 0.2, "0.30000000000000004")):
-        assert run_prefix("cifar10", r, "sym") == cifar_prefix("cifar10", r, "sym") == f"cifar10_{text}_sym"
+        assert run_prefix("cifar10", r, "sym") == f"cifar10_{text}_sym"
+    assert run_prefix("cifar10", None, "worst") == "cifar10_worst"
+    assert run_prefix("cifar100", 0.45, "idn", 0.2) == "cifar100_0.45_idn_ood0.2"
 
 
 def test_r_045_gets_its_own_file_next_to_05(tmp_path):

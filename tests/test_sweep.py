@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from synthetic_runs import cifar_prefix
+from presets import run_prefix
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "scripts", "sweep_cifar.sh")
@@ -133,7 +133,7 @@ def test_overridden_preset_is_shown(tmp_path, env):
 def write_run(run_dir, dataset, r, mode, num_epochs, last_epoch, checkpoint, cut_line=False, ood_ratio=0.0):
     """Fake Train_cifar.py outputs: config, a log up to last_epoch, optionally a checkpoint."""
     run_dir.mkdir(parents=True)
-    prefix = cifar_prefix(dataset, r, mode, ood_ratio)
+    prefix = run_prefix(dataset, r, mode, ood_ratio)
     (run_dir / f"{prefix}_config.json").write_text(json.dumps({"args": {"num_epochs": num_epochs},
                                                                "script": "Train_cifar.py"}))
     lines = [json.dumps({"epoch": e, "phase": "train", "test_acc": 50.0}) for e in range(last_epoch + 1)]
