@@ -17,15 +17,14 @@ import torch.nn as nn
 import torch.optim as optim
 import torchvision
 
-from cli import run_main
+from cli import UserError, run_main
 from dataloader_clothing1M import Clothing1M
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
+from flags import AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
 from imagelist import add_loader_arguments
-from utils import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, add_engine_arguments,
-                   atomic_save, check_flags, check_sync_bn, init_distributed, is_main_process, json_safe,
-                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size,
-                   wrap_ddp)
+from utils import (RunDir, atomic_save, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size,
+                   make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",

@@ -24,13 +24,13 @@ import torch.optim as optim
 import torchvision
 
 import dataloader_custom
-from cli import run_main
+from cli import UserError, run_main
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, division_stats, eval_train,
                        evaluate, gmm_summary, normalise_losses, predict, set_learning_rate)
+from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
 from imagelist import add_loader_arguments
 from PreResNet import PreActBlock, PreActResNet
-from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, UserError, add_engine_arguments, atomic_save,
-                   atomic_write, check_flags, check_sync_bn, init_distributed, is_main_process, json_safe,
+from utils import (RunDir, atomic_save, atomic_write, check_sync_bn, init_distributed, is_main_process, json_safe,
                    local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size,
                    wrap_ddp)
 

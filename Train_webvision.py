@@ -16,11 +16,11 @@ from cli import run_main
 from dataloader_webvision import WebVision
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
+from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
 from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, RunDir, add_engine_arguments, check_flags,
-                   check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard, on_main,
-                   run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from utils import (RunDir, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard,
+                   on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import run_main
+from cli import UserError, run_main
+from flags import SEED, FlagParser, Range, check_flags, check_value
 from presets import CIFARN_MODES, NUM_CLASSES, noise_file_name, ratio_text
-from utils import SEED, FlagParser, Range, UserError, check_flags, check_value
 
 MEAN_STD = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),

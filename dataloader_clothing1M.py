@@ -11,7 +11,7 @@ import torchvision.transforms as T
 
 from imagelist import (ListLoaders, check_images, check_list_files, class_balanced_draw, numbered_lines,
                        read_labeled_list)
-from utils import UserError
+from cli import UserError
 
 MEAN, STD = (0.6959, 0.6537, 0.6371), (0.3113, 0.3192, 0.3214)
 LIST_FILES = ("noisy_label_kv.txt", "clean_label_kv.txt", "noisy_train_key_list.txt", "clean_val_key_list.txt",

@@ -23,7 +23,7 @@ import torchvision.transforms as T
 from dataloader_cifar import Batches, normalise, random_crop_flip
 from imagelist import (IMAGE_EXTENSIONS, BadImages, ImageListDataset, ListLoaders, check_images, list_image_folder,
                        make_loader, numbered_lines, read_labeled_list)
-from utils import UserError
+from cli import UserError
 
 LAYOUTS = ("auto", "imagefolder", "list", "animal10n", "food101n")
 AUGMENTS = ("crop", "resized_crop")

@@ -11,7 +11,7 @@ import torchvision.transforms as T
 
 from imagelist import (IMAGE_EXTENSIONS, ListLoaders, check_images, check_list_files, list_image_folder,
                        read_labeled_list)
-from utils import UserError
+from cli import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LIST_FILES = ("info/train_filelist_google.txt", "info/val_filelist.txt")

@@ -21,7 +21,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from utils import UserError, gather_objects, world_size
+from cli import UserError
+from utils import gather_objects, world_size
 
 # What one sample is in each loader mode of the algorithm engine (dividemix.py).
 MODES = ("plain", "labeled", "unlabeled")

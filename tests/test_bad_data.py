@@ -13,7 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cli import run_main
+from cli import UserError, run_main
 import dataloader_cifar as dc
 from dataloader_clothing1M import Clothing1M
 from dataloader_webvision import WebVision
@@ -22,7 +22,6 @@ from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from imagelist import BadImages, ImageListDataset, check_images, make_loader
 import Train_cifar
 import Train_webvision
-from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")

@@ -12,7 +12,7 @@ import torch
 from dataloader_clothing1M import Clothing1M
 from fake_realworld import write_fake_clothing1m
 from imagelist import class_balanced_draw
-from utils import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

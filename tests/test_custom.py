@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from cli import run_main
+from cli import UserError, run_main
 import dataloader_custom as dcu
 from dividemix import Precision
 from fake_custom import FOOD_CLASSES, write_animal10n, write_food101n, write_image_folder, write_lists
 from PreResNet import ResNet18
 import Train_custom
-from utils import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")

@@ -6,7 +6,7 @@ import torch
 
 import dataloader_cifar as dc
 from fake_cifar import write_fake_cifar
-from utils import UserError
+from cli import UserError
 
 
 def test_read_fake_cifar10(tmp_path):

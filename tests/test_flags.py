@@ -17,12 +17,13 @@ import torch
 import bench
 import dataloader_cifar
 import dividemix
+from flags import SEED, TRAIN_FLAGS, Range, check_flags, check_value
 import Train_cifar
 import Train_clothing1M
 import Train_webvision
 from fake_cifar import write_fake_cifar
 from presets import PAPER_PRESETS
-from utils import SEED, TRAIN_FLAGS, Range, UserError, check_flags, check_value
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_TEXT = "0..4294967295"

@@ -12,7 +12,7 @@ from dataloader_cifar import (asym_transition, check_noise_fits, expected_change
                               load_or_create_noise, noise_file_path, noise_seed, ratio_text, read_cifar,
                               validate_setting)
 from dataloader_cifar import main as noise_main
-from utils import UserError
+from cli import UserError
 
 VECTORS = json.load(open(os.path.join(os.path.dirname(__file__), "reference_noise_vectors.json")))["vectors"]
 

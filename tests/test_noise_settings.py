@@ -18,7 +18,7 @@ from dataloader_cifar import (CIFARN_KEYS, CIFARData, check_noise_fits, choose_r
                               load_or_create_replacement, read_cifar, read_cifarn, read_ood_source, validate_setting)
 from dataloader_cifar import main as noise_main
 from fake_cifar import write_fake_cifar
-from utils import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

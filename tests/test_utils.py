@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from utils import CheckpointWriter, RunLogs, UserError, atomic_save, check_resume_args, load_checkpoint
+from cli import UserError
+from utils import CheckpointWriter, RunLogs, atomic_save, check_resume_args, load_checkpoint
 
 
 def test_checkpoint_writer_snapshots_before_training_goes_on(tmp_path):

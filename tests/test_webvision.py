@@ -14,7 +14,7 @@ from dividemix import topk_accuracy
 from fake_realworld import write_fake_webvision
 from imagelist import ListLoaders
 from InceptionResNetV2 import InceptionResNetV2
-from utils import UserError
+from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
