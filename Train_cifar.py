@@ -9,7 +9,6 @@ split by a two-component GMM into a labeled (clean) and an unlabeled (noisy) set
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,20 +16,23 @@ import torch.optim as optim
 
 from cli import UserError, run_main
 import dataloader_cifar
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, eval_train, evaluate,
-                       gmm_summary, knn_scores, normalise_losses, ood_removal, set_learning_rate)
-from flags import TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, evaluate, gmm_summary,
+                       knn_scores, ood_removal, set_learning_rate)
+from epochs import end_epoch
+from flags import TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
 from PreResNet import ResNet18
 from presets import NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
 from utils import (RunDir, atomic_write, broadcast_from_main, check_sync_bn, init_distributed, is_main_process,
-                   json_safe, local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers,
-                   timed, world_size, wrap_ddp)
+                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers,
+                   world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 150
-# Arguments that define a run: --resume refuses a checkpoint made with other values.
-DEFINING_ARGS = ("dataset", "r", "noise_mode", "seed", "batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T",
-                 "num_class", "warm_up", "loss_window", "ood_ratio", "division", "ood_filter", "ood_k", "ood_remove",
-                 "ood_interval", "mix", "lambda_e")
+# The flags that may differ at --resume: where the files are (the labels and replaced images are checked by their
+# digest), how long, where and how fast it runs. Every other flag defines the run: --resume refuses a checkpoint
+# made with another value.
+RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "download", "data_path", "noise_file",
+                     "cifarn_file", "ood_path", "ood_file", "id", "eval_batch_size", "save_loss_every", "compile",
+                     "amp", "channels_last", "sync_bn")
 # Allowed values of every numeric flag, checked before anything is read or written. A warm_up beyond num_epochs
 # is allowed: the run is then warm-up only.
 FLAG_RANGES = {**TRAIN_FLAGS, **dataloader_cifar.NOISE_FLAGS, "eval_batch_size": Range(1),
@@ -138,31 +140,8 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     removed: the OOD filter's mask of samples kept out of both the labeled and the unlabeled set.
     """
     labels = data.noisy_labels.cpu().numpy() if cfg.division == "classwise" else None
-    timing, divisions = {}, [None, None]
-    eval_loader = data.eval_loader(args.eval_batch_size)
-    # On CUDA net1's GMM (CPU) is fitted while net2's losses are computed (GPU). The fits still run one after
-    # the other in net order, so their numpy draws and results are those of a sequential loop.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for k, net in enumerate(nets):
-            t0 = time.perf_counter()
-            losses = eval_train(net, eval_loader, device, cfg.precision)
-            histories[k].append(normalise_losses(losses))
-            del histories[k][:-cfg.loss_window]  # only the averaged window is ever read
-            timing[f"eval{k + 1}"] = time.perf_counter() - t0
-            if pending is not None:
-                divisions[k - 1], timing[f"gmm{k}"] = pending.result()
-            if is_main_process():
-                pending = pool.submit(timed, co_divide, histories[k], cfg.p_threshold, cfg.loss_window,
-                                      data.clean_mask, labels, cfg.classwise_min_samples)
-            else:
-                pending = pool.submit(lambda: (None, 0.0))
-            if device.type != "cuda":
-                divisions[k], timing[f"gmm{k + 1}"] = pending.result()
-                pending = None
-        if pending is not None:
-            divisions[1], timing["gmm2"] = pending.result()
-    divisions = broadcast_from_main(divisions)
+    divisions, timing = co_divide(nets, data.eval_loader(args.eval_batch_size), cfg, device, histories=histories,
+                                  clean=data.clean_mask, labels=labels)
 
     records = [dict(d[3]) for d in divisions]
     for k, record in enumerate(records):
@@ -235,7 +214,7 @@ def main(args):
 def train(args, run, sources, device):
     """Set up, then run epochs start..num_epochs: warm-up or co-divide, test, log, checkpoint."""
     # ---- resume or start -----------------------------------------------------------------------------------
-    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    defining = defining_args(args, RESUME_MAY_CHANGE)
     resume = run.open_checkpoint(args.resume, defining)
 
     # ---- data ----------------------------------------------------------------------------------------------
@@ -315,19 +294,16 @@ def train(args, run, sources, device):
         t0 = time.perf_counter()
         acc = evaluate(nets, test_loader, device, precision=precision)[0]
         timing["test"] = time.perf_counter() - t0
-        seconds = time.perf_counter() - t_epoch
         run.logs.write("acc", "Epoch:%d   Accuracy:%.2f\n" % (epoch, acc))
-        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "test_acc": acc,
-                                                "net1": records[0], "net2": records[1], "seconds": seconds,
-                                                "time": timing, **extra}))
-        summary = f"epoch {epoch:3d} {phase:6s} test {acc:6.2f}%  lr {lr:g}  {seconds:.1f}s"
+        details = ""
         if phase == "train":
-            summary += "  labeled %d/%d  Lx %.3f/%.3f  Lu %.4f/%.4f" % (
+            details = "  labeled %d/%d  Lx %.3f/%.3f  Lu %.4f/%.4f" % (
                 records[0]["labeled"], records[1]["labeled"], records[0]["Lx"], records[1]["Lx"],
                 records[0]["Lu"], records[1]["Lu"])
-        print(summary, flush=True)
         state = {"ood_removed": removed} if args.ood_filter != "none" else {}
-        run.save(run_state(epoch, defining, args, nets, optimizers, histories=histories, **state))
+        end_epoch(run, epoch, phase, lr, t_epoch, f"test {acc:6.2f}%", records, timing,
+                  run_state(epoch, defining, args, nets, optimizers, histories=histories, **state),
+                  scores={"test_acc": acc}, extra=extra, details=details)
 
 
 if __name__ == "__main__":

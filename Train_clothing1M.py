@@ -19,16 +19,24 @@ import torchvision
 
 from cli import UserError, run_main
 from dataloader_clothing1M import Clothing1M
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
-                       normalise_losses, set_learning_rate)
-from flags import AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, evaluate, gmm_summary,
+                       set_learning_rate)
+from epochs import BestWeights, end_epoch
+from flags import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags,
+                   defining_args)
 from imagelist import add_loader_arguments
-from utils import (RunDir, atomic_save, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size,
-                   make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from utils import (RunDir, check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard, run_config,
+                   run_state, seed_process, sync_buffers, world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 40
-DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
-                 "warm_up", "pretrained", "image_size", "division")
+# The flags that may differ at --resume: where the files are (the training labels are checked by their digest),
+# how long, where and how fast it runs. Every other flag defines the run: --resume refuses a checkpoint made with
+# another value.
+RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "data_path", "id", "num_workers",
+                     "max_bad_images", "amp", "channels_last", "sync_bn")
+# The settings the run prints when it starts.
+SHOWN_SETTINGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",
+                  "warm_up", "pretrained", "image_size", "division")
 # Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
 # epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
 FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
@@ -106,12 +114,11 @@ def main(args):
 def train(args, run, device):
     """Set up, run epochs start..num_epochs (train, validate, divide for the next epoch), then test."""
     # ---- resume or start -----------------------------------------------------------------------------------
-    best_paths = [run.path(f"_net{k}.pth.tar") for k in (1, 2)]
-    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    defining = defining_args(args, RESUME_MAY_CHANGE)
     resume = run.open_checkpoint(args.resume, defining)
     sync_bn = check_sync_bn(args.sync_bn, device)
     precision = Precision.from_args(args, device)
-    print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
+    print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in SHOWN_SETTINGS + ("amp",)), flush=True)
     seed_process(args.seed)
     shard = make_shard(args.seed)
     # the class-balanced draws of the training list: with several processes every rank must draw the same
@@ -127,11 +134,11 @@ def train(args, run, device):
     optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-3) for n in nets]
     cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=False)
     divisions = [None, None]  # per net: (indices of its draw, clean probability), made at the end of an epoch
-    best = [0.0, 0.0]
+    best = BestWeights(run, resume["best"] if resume is not None else None)
     start_epoch = 0
     if resume is not None:
         start_epoch = run.restore(resume, nets, optimizers)
-        divisions, best = resume["divisions"], resume["best"]
+        divisions = resume["divisions"]
         data.bad_images.restore(resume.get("bad_images", []))
     else:
         run.begin(run_config("Train_clothing1M.py", args, device, len(data.train_paths),
@@ -164,40 +171,35 @@ def train(args, run, device):
         t0 = time.perf_counter()
         accs = [evaluate([net], data.val_loader, device, precision=precision)[0] for net in nets]
         timing["val"] = time.perf_counter() - t0
-        for k in range(2):
-            if accs[k] > best[k]:
-                best[k] = accs[k]
-                if run.main:
-                    atomic_save(nets[k].state_dict(), best_paths[k])
+        best.update(nets, accs)
         run.logs.write("acc", "Validation Epoch:%d      Acc1:%.2f  Acc2:%.2f\n" % (epoch, accs[0], accs[1]))
 
-        # loss evaluation on a fresh draw per net: the division for the next epoch
-        for k, net in enumerate(nets):
-            t0 = time.perf_counter()
-            idx = data.draw(args.num_batches * args.batch_size, draws)
-            losses = eval_train(net, data.eval_loader(idx), device, precision)
-            labels = np.asarray(data.train_labels)[idx] if args.division == "classwise" else None
-            prob, _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1, None, labels)
-            divisions[k] = (idx, prob)
+        # co-divide on a fresh draw per net: the division for the next epoch
+        drawn = []
+
+        def draw_loader(k):
+            """Net k's draw of the training list, as a loss-evaluation loader."""
+            drawn.append(data.draw(args.num_batches * args.batch_size, draws))
+            return data.eval_loader(drawn[k])
+
+        labels = (lambda k: np.asarray(data.train_labels)[drawn[k]]) if args.division == "classwise" else None
+        # no overlap: each draw comes after the previous net's GMM fit, which also draws from numpy's generator
+        new_divisions, divide_timing = co_divide(nets, draw_loader, cfg, device, labels=labels, overlap=False)
+        timing.update(divide_timing)
+        for k, (prob, _, gmm, stats) in enumerate(new_divisions):
+            divisions[k] = (drawn[k], prob)
             records[k].update(stats, gmm=gmm_summary(gmm))
-            timing[f"eval{k + 1}"] = time.perf_counter() - t0
 
         data.bad_images.share()
-        seconds = time.perf_counter() - t_epoch
-        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "val_acc1": accs[0],
-                                               "val_acc2": accs[1], "net1": records[0], "net2": records[1],
-                                               **data.bad_images.epoch_record(), "seconds": seconds,
-                                               "time": timing}))
-        print(f"epoch {epoch:3d} {phase:6s} val {accs[0]:.2f}% / {accs[1]:.2f}%  lr {lr:g}  {seconds:.1f}s  labeled "
-              f"{records[0]['labeled']}/{records[1]['labeled']} of the next draws  bad images {data.bad_images.count}",
-              flush=True)
-        run.save(run_state(epoch, defining, args, nets, optimizers, divisions=divisions, best=best,
-                           bad_images=data.bad_images.state()))
+        end_epoch(run, epoch, phase, lr, t_epoch, f"val {accs[0]:.2f}% / {accs[1]:.2f}%", records, timing,
+                  run_state(epoch, defining, args, nets, optimizers, divisions=divisions, best=best.best,
+                            bad_images=data.bad_images.state()),
+                  scores={"val_acc1": accs[0], "val_acc2": accs[1]}, extra=data.bad_images.epoch_record(),
+                  details=f"  labeled {records[0]['labeled']}/{records[1]['labeled']} of the next draws  bad images "
+                          f"{data.bad_images.count}")
 
     # ---- test: the two best-validation nets together -------------------------------------------------------
-    for k in range(2):
-        if os.path.exists(best_paths[k]):
-            nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
+    best.load_into(nets, device)
     acc = evaluate(nets, data.test_loader(), device, precision=precision)[0]
     data.bad_images.share()
     run.logs.write("acc", "Test Accuracy:%.2f\n" % acc)

@@ -25,14 +25,14 @@ import torchvision
 
 import dataloader_custom
 from cli import UserError, run_main
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, division_stats, eval_train,
-                       evaluate, gmm_summary, normalise_losses, predict, set_learning_rate)
-from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, division_stats, evaluate,
+                       gmm_summary, predict, set_learning_rate)
+from epochs import BestWeights, end_epoch
+from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
 from imagelist import add_loader_arguments
 from PreResNet import PreActBlock, PreActResNet
-from utils import (RunDir, atomic_save, atomic_write, check_sync_bn, init_distributed, is_main_process, json_safe,
-                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size,
-                   wrap_ddp)
+from utils import (RunDir, atomic_write, check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard,
+                   on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
 
 TORCHVISION_ARCHS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
 ARCHS = ("preact_resnet18",) + tuple(TORCHVISION_ARCHS)
@@ -58,9 +58,12 @@ LAYOUT_DEFAULTS = {
     "imagefolder": {"arch": "resnet50"}, "list": {"arch": "resnet50"}, "food101n": {"arch": "resnet50"},
     "animal10n": {"arch": "preact_resnet18", "image_size": 64, "lambda_u": 0.0},
 }
-DEFINING_ARGS = ("layout", "arch", "pretrained", "image_size", "augment", "batch_size", "lr", "weight_decay", "alpha",
-                 "lambda_u", "unlabeled_loss", "p_threshold", "T", "seed", "warm_up", "warmup_penalty",
-                 "lr_decay_epoch", "division")
+# The flags that may differ at --resume: where the files are (the training labels and class names are checked),
+# how long, where and how fast it runs. Every other flag defines the run: --resume refuses a checkpoint made with
+# another value.
+RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "data_path", "train_list", "test_list", "val_list",
+                     "classes", "food101_path", "id", "num_workers", "max_bad_images", "eval_batch_size", "amp",
+                     "channels_last", "sync_bn")
 # Allowed values of every numeric flag, checked before anything is read or written (the class count is no flag:
 # it comes from the data). Epoch 0 must be a warm-up epoch: the division an epoch trains on is made at the end of
 # the epoch before.
@@ -298,8 +301,7 @@ def main(args):
 def train(args, run, data, sources, device):
     """Set up, run epochs start..num_epochs (train, evaluate, divide for the next epoch), then test and review."""
     # ---- resume or start -----------------------------------------------------------------------------------
-    best_paths = [run.path(f"_net{k}.pth.tar") for k in (1, 2)]
-    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    defining = defining_args(args, RESUME_MAY_CHANGE)
     resume = run.open_checkpoint(args.resume, defining)
     run.check_labels(resume, defining, data.train.labels, data.train.source)
     if resume is not None and resume.get("classes", data.classes) != data.classes:
@@ -332,11 +334,11 @@ def train(args, run, data, sources, device):
     optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay) for n in nets]
     cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=args.unlabeled_loss)
     probs = [None, None]  # per net: clean probability of every training image, made at the end of an epoch
-    best = [0.0, 0.0]
+    best = BestWeights(run, resume["best"] if resume is not None else None)
     start_epoch = 0
     if resume is not None:
         start_epoch = run.restore(resume, nets, optimizers)
-        probs, best = resume["probs"], resume["best"]
+        probs = resume["probs"]
     else:
         run.begin(run_config("Train_custom.py", args, device, len(data.train), sources,
                              labels_sha256=defining["labels_sha256"], classes=data.classes, cached=cached,
@@ -370,11 +372,7 @@ def train(args, run, data, sources, device):
         t0 = time.perf_counter()
         if feed.val_loader is not None:
             accs = [evaluate([net], feed.val_loader, device, precision=precision)[0] for net in nets]
-            for k in range(2):
-                if accs[k] > best[k]:
-                    best[k] = accs[k]
-                    if run.main:
-                        atomic_save(nets[k].state_dict(), best_paths[k])
+            best.update(nets, accs)
             run.logs.write("acc", "Validation Epoch:%d      Acc1:%.2f  Acc2:%.2f\n" % (epoch, accs[0], accs[1]))
             scores = {"val_acc1": accs[0], "val_acc2": accs[1]}
             shown = f"val {accs[0]:.2f}% / {accs[1]:.2f}%"
@@ -385,31 +383,25 @@ def train(args, run, data, sources, device):
             shown = f"test {acc:.2f}%"
         timing["eval"] = time.perf_counter() - t0
 
-        # loss evaluation over the whole training set: the division for the next epoch
-        for k, net in enumerate(nets):
-            t0 = time.perf_counter()
-            losses = eval_train(net, feed.eval_loader, device, precision)
-            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1, None,
-                                              classwise_labels)
+        # co-divide over the whole training set: the division for the next epoch
+        divisions, divide_timing = co_divide(nets, feed.eval_loader, cfg, device, labels=classwise_labels)
+        timing.update(divide_timing)
+        for k, (prob, _, gmm, stats) in enumerate(divisions):
+            probs[k] = prob
             records[k].update(stats, gmm=gmm_summary(gmm))
             if verified is not None:  # how well the division finds the hand-checked labels
-                records[k]["verified"] = division_stats(probs[k][verified[0]], args.p_threshold, verified[1])
-            timing[f"divide{k + 1}"] = time.perf_counter() - t0
+                records[k]["verified"] = division_stats(prob[verified[0]], args.p_threshold, verified[1])
 
         feed.bad_images.share()
-        seconds = time.perf_counter() - t_epoch
-        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, **scores,
-                                               "net1": records[0], "net2": records[1],
-                                               **feed.bad_images.epoch_record(), "seconds": seconds,
-                                               "time": timing}))
-        extra = ""
+        auc = ""
         if verified is not None:
-            extra = "  verified AUC %.3f/%.3f" % (records[0]["verified"]["auc"], records[1]["verified"]["auc"])
-        print(f"epoch {epoch:3d} {phase:6s} {shown}  lr {lr:g}  {seconds:.1f}s  labeled {records[0]['labeled']}/"
-              f"{records[1]['labeled']} of {len(data.train)} for the next epoch{extra}  bad images "
-              f"{feed.bad_images.count}", flush=True)
-        run.save(run_state(epoch, defining, args, nets, optimizers, probs=probs, best=best, classes=data.classes,
-                           bad_images=feed.bad_images.state()))
+            auc = "  verified AUC %.3f/%.3f" % (records[0]["verified"]["auc"], records[1]["verified"]["auc"])
+        end_epoch(run, epoch, phase, lr, t_epoch, shown, records, timing,
+                  run_state(epoch, defining, args, nets, optimizers, probs=probs, best=best.best,
+                            classes=data.classes, bad_images=feed.bad_images.state()),
+                  scores=scores, extra=feed.bad_images.epoch_record(),
+                  details=f"  labeled {records[0]['labeled']}/{records[1]['labeled']} of {len(data.train)} for the "
+                          f"next epoch{auc}  bad images {feed.bad_images.count}")
 
     # ---- the label review (last division, last nets), then the test ----------------------------------------
     logits, _ = predict(nets, feed.eval_loader, device, precision)
@@ -420,9 +412,7 @@ def train(args, run, data, sources, device):
     print(f"label review: {review} ({suspects} of {len(data.train)} labels suspected, most suspicious first)",
           flush=True)
     if feed.val_loader is not None:  # the two best-validation nets together
-        for k in range(2):
-            if os.path.exists(best_paths[k]):
-                nets[k].load_state_dict(torch.load(best_paths[k], map_location=device, weights_only=True))
+        best.load_into(nets, device)
     acc = evaluate(nets, feed.test_loader, device, precision=precision)[0]
     feed.bad_images.share()
     run.logs.write("acc", "Test Accuracy:%.2f\n" % acc)

@@ -14,17 +14,24 @@ import torch.optim as optim
 
 from cli import run_main
 from dataloader_webvision import WebVision
-from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
-                       normalise_losses, set_learning_rate)
-from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
+from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, evaluate, gmm_summary,
+                       set_learning_rate)
+from epochs import end_epoch
+from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
 from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (RunDir, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard,
-                   on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from utils import (RunDir, check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard,
+                   run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
 
 LR_DECAY_EPOCH = 40
-DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
-                 "image_size", "train_crop", "division")
+# The flags that may differ at --resume: where the files are (the training labels are checked by their digest),
+# how long, where and how fast it runs. Every other flag defines the run: --resume refuses a checkpoint made with
+# another value.
+RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "data_path", "id", "num_workers",
+                     "max_bad_images", "amp", "channels_last", "sync_bn")
+# The settings the run prints when it starts.
+SHOWN_SETTINGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",
+                  "image_size", "train_crop", "division")
 # Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
 # epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
 FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
@@ -79,11 +86,11 @@ def main(args):
 def train(args, run, device):
     """Set up, then run epochs start..num_epochs: train, test on both val sets, divide for the next epoch."""
     # ---- resume or start -----------------------------------------------------------------------------------
-    defining = {k: getattr(args, k) for k in DEFINING_ARGS}
+    defining = defining_args(args, RESUME_MAY_CHANGE)
     resume = run.open_checkpoint(args.resume, defining)
     sync_bn = check_sync_bn(args.sync_bn, device)
     precision = Precision.from_args(args, device)
-    print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in DEFINING_ARGS + ("amp",)), flush=True)
+    print("settings: " + ", ".join(f"{k}={getattr(args, k)}" for k in SHOWN_SETTINGS + ("amp",)), flush=True)
     seed_process(args.seed)
     shard = make_shard(args.seed)
 
@@ -136,26 +143,20 @@ def train(args, run, device):
         run.logs.write("acc", "Epoch:%d \t WebVision Acc: %.2f%% (%.2f%%) \t ImageNet Acc: %.2f%% (%.2f%%)\n"
                        % (epoch, web1, web5, img1, img5))
 
-        # loss evaluation over the whole training list: the division for the next epoch
-        for k, net in enumerate(nets):
-            t0 = time.perf_counter()
-            losses = eval_train(net, data.eval_loader, device, precision)
-            probs[k], _, gmm, stats = on_main(co_divide, [normalise_losses(losses)], args.p_threshold, 1, None,
-                                              classwise_labels)
+        # co-divide over the whole training list: the division for the next epoch
+        divisions, divide_timing = co_divide(nets, data.eval_loader, cfg, device, labels=classwise_labels)
+        timing.update(divide_timing)
+        for k, (prob, _, gmm, stats) in enumerate(divisions):
+            probs[k] = prob
             records[k].update(stats, gmm=gmm_summary(gmm))
-            timing[f"eval{k + 1}"] = time.perf_counter() - t0
 
         data.bad_images.share()
-        seconds = time.perf_counter() - t_epoch
-        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, "webvision_top1": web1,
-                                               "webvision_top5": web5, "imagenet_top1": img1, "imagenet_top5": img5,
-                                               "net1": records[0], "net2": records[1],
-                                               **data.bad_images.epoch_record(), "seconds": seconds,
-                                               "time": timing}))
-        print(f"epoch {epoch:3d} {phase:6s} WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)  "
-              f"lr {lr:g}  {seconds:.1f}s  bad images {data.bad_images.count}", flush=True)
-        run.save(run_state(epoch, defining, args, nets, optimizers, probs=probs,
-                           bad_images=data.bad_images.state()))
+        shown = f"WebVision {web1:.2f}% ({web5:.2f}%)  ImageNet {img1:.2f}% ({img5:.2f}%)"
+        end_epoch(run, epoch, phase, lr, t_epoch, shown, records, timing,
+                  run_state(epoch, defining, args, nets, optimizers, probs=probs, bad_images=data.bad_images.state()),
+                  scores={"webvision_top1": web1, "webvision_top5": web5, "imagenet_top1": img1,
+                          "imagenet_top5": img5},
+                  extra=data.bad_images.epoch_record(), details=f"  bad images {data.bad_images.count}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import UserError, run_main
 import dataloader_cifar
-from dividemix import (DivideMixConfig, Precision, co_divide, eval_train, evaluate, normalise_losses, train_epoch,
+from dividemix import (DivideMixConfig, Precision, eval_train, evaluate, gmm_division, normalise_losses, train_epoch,
                        warmup_epoch)
 from flags import AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, check_flags
 from PreResNet import ResNet18
@@ -139,7 +139,7 @@ def run_phases(name, loaders, precision, args, device, clean_mask, shard=None):
     timed("warmup", lambda: warmup_epoch(train_nets[0], opts[0], loaders["warmup"], device, desc=f"{name} warm-up",
                                          precision=precision))
     losses = timed("eval", lambda: eval_train(nets[0], loaders["eval"], device, precision))
-    timed("gmm", lambda: on_main(co_divide, [normalise_losses(losses)], 0.5, 1, clean_mask))
+    timed("gmm", lambda: on_main(gmm_division, [normalise_losses(losses)], 0.5, 1, clean_mask))
     for epoch in range(args.epochs):
         for k in range(2):
             out = timed(f"train{k + 1}", lambda: train_epoch(12, train_nets[k], train_nets[1 - k], opts[k],

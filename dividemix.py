@@ -13,6 +13,7 @@ evaluation and prediction gather their rows in rank order, and the prior penalty
 over all ranks. In one process every one of these steps is the identity.
 """
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from utils import Progress, gather_rows, mean_over_ranks
+from utils import Progress, broadcast_from_main, gather_rows, is_main_process, mean_over_ranks, timed
 
 
 @dataclass
@@ -246,7 +247,7 @@ def eval_train(net, loader, device, precision=None):
     return gather_rows(torch.cat(losses).cpu() if losses else torch.zeros(0))
 
 
-def co_divide(history, p_threshold, window, clean=None, labels=None, min_samples=20):
+def gmm_division(history, p_threshold, window, clean=None, labels=None, min_samples=20):
     """GMM division of one net's loss history: (clean probability w, GMM input, fitted GMM, stats).
 
     labels (the noisy labels) switch on the class-wise division: a GMM per class with at least min_samples
@@ -259,6 +260,43 @@ def co_divide(history, p_threshold, window, clean=None, labels=None, min_samples
     stats = division_stats(prob, p_threshold, clean)
     stats["classwise"] = classwise_stats(prob, input_loss, labels, p_threshold, fallback)
     return prob, input_loss, gmm, stats
+
+
+def co_divide(nets, eval_loader, cfg, device, histories=None, clean=None, labels=None, overlap=True):
+    """Co-divide: each net's per-sample losses, min-max normalised into its history, split by a GMM fitted on rank 0;
+    every rank gets the divisions, (prob, GMM input, GMM, stats) per net, and the seconds of each phase.
+
+    eval_loader and labels (the noisy labels, for the class-wise division; None: one global GMM) are the same for
+    every net, or a function of the net's index (Clothing1M's fresh draw per net). histories: per net, the past
+    normalised losses whose last cfg.loss_window are averaged (None: this epoch's alone). clean: the true clean
+    mask, for the division's AUC, precision and recall. With CUDA and overlap, net k's fit (CPU) runs while net
+    k + 1's losses are computed (GPU); the fits still run in net order, so their numpy draws are a sequential
+    loop's. Pass overlap=False when making a loader draws from numpy's global generator, as the fit does.
+    """
+    histories = histories if histories is not None else [[] for _ in nets]
+    divisions, timing = [None] * len(nets), {}
+    overlap = overlap and device.type == "cuda"
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for k, net in enumerate(nets):
+            t0 = time.perf_counter()
+            loader = eval_loader(k) if callable(eval_loader) else eval_loader
+            histories[k].append(normalise_losses(eval_train(net, loader, device, cfg.precision)))
+            del histories[k][:-cfg.loss_window]  # only the averaged window is ever read
+            timing[f"eval{k + 1}"] = time.perf_counter() - t0
+            if pending is not None:
+                divisions[k - 1], timing[f"gmm{k}"] = pending.result()
+            if is_main_process():
+                pending = pool.submit(timed, gmm_division, histories[k], cfg.p_threshold, cfg.loss_window, clean,
+                                      labels(k) if callable(labels) else labels, cfg.classwise_min_samples)
+            else:
+                pending = pool.submit(lambda: (None, 0.0))
+            if not overlap:
+                divisions[k], timing[f"gmm{k + 1}"] = pending.result()
+                pending = None
+        if pending is not None:
+            divisions[-1], timing[f"gmm{len(nets)}"] = pending.result()
+    return broadcast_from_main(divisions), timing
 
 
 def train_step(net, net2, optimizer, batch, cfg, lambda_now):

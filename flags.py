@@ -94,3 +94,9 @@ def check_flags(args, table):
         value = getattr(args, name)
         if value is not None:
             check_value(name, value, allowed)
+
+
+def defining_args(args, may_change):
+    """The flags that define a run, as --resume compares them with its checkpoint's: every flag except those in
+    may_change (where files are, how long and how fast it runs), so that a new flag defines the run by default."""
+    return {name: value for name, value in vars(args).items() if name not in may_change}

@@ -266,3 +266,59 @@ def test_config_from_args_maps_every_flag():
     assert (cfg.num_class, cfg.alpha, cfg.T, cfg.lambda_u, cfg.p_threshold, cfg.warm_up) == (14, 0.5, 0.4, 150.0, 0.6, 30)
     assert cfg.unlabeled_loss is False and cfg.loss_window == 5 and cfg.precision is precision
     assert cfg.rampup_length == 16
+
+
+# ----------------------------------------------------------------------------- co-divide
+
+def test_co_divide_is_each_nets_gmm_division_in_order():
+    torch.manual_seed(0)
+    nets = [Recorder(), Recorder()]
+    images, labels = torch.randn(40, 3, 6, 6), torch.randint(0, 3, (40,))
+    loader = [(images[:25], labels[:25]), (images[25:], labels[25:])]
+    clean = np.arange(40) % 3 != 0
+    cfg = DivideMixConfig(num_class=3, loss_window=2)
+    earlier = [torch.rand(40), torch.rand(40)]
+    histories = [[earlier[0]], [earlier[1]]]
+
+    np.random.seed(3)  # the GMM fits draw from numpy's global generator, net1's first
+    divisions, timing = dividemix.co_divide(nets, loader, cfg, torch.device("cpu"), histories=histories, clean=clean)
+    assert sorted(timing) == ["eval1", "eval2", "gmm1", "gmm2"]
+
+    np.random.seed(3)
+    for k, net in enumerate(nets):
+        net.eval()
+        with torch.no_grad():
+            losses = F.cross_entropy(net(images), labels, reduction="none")
+        history = [earlier[k], normalise_losses(losses)]
+        assert len(histories[k]) == 2 and torch.allclose(histories[k][1], history[1])
+        prob, input_loss, _, stats = dividemix.gmm_division(history, cfg.p_threshold, 2, clean)
+        assert np.array_equal(divisions[k][0], prob) and torch.equal(divisions[k][1], input_loss)
+        assert divisions[k][3] == stats and "auc" in stats
+
+    # the window keeps only the losses it averages
+    dividemix.co_divide(nets, loader, cfg, torch.device("cpu"), histories=histories)
+    assert [len(h) for h in histories] == [2, 2]
+
+
+def test_co_divide_takes_a_loader_and_labels_per_net():
+    torch.manual_seed(1)
+    nets = [Recorder(), Recorder()]
+    images, labels = torch.randn(60, 3, 6, 6), torch.randint(0, 3, (60,))
+    asked = []
+
+    def loader_of(k):
+        """Net k's own half of the images."""
+        asked.append(("loader", k))
+        rows = slice(30 * k, 30 * (k + 1))
+        return [(images[rows], labels[rows])]
+
+    def labels_of(k):
+        """The noisy labels of net k's half."""
+        asked.append(("labels", k))
+        return labels[30 * k:30 * (k + 1)].numpy()
+
+    cfg = DivideMixConfig(num_class=3, classwise_min_samples=5)
+    divisions, _ = dividemix.co_divide(nets, loader_of, cfg, torch.device("cpu"), labels=labels_of, overlap=False)
+    assert asked == [("loader", 0), ("labels", 0), ("loader", 1), ("labels", 1)]
+    assert [len(d[0]) for d in divisions] == [30, 30]
+    assert all("classwise" in d[3] for d in divisions)

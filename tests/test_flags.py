@@ -17,12 +17,14 @@ import torch
 import bench
 import dataloader_cifar
 import dividemix
-from flags import SEED, TRAIN_FLAGS, Range, check_flags, check_value
+from flags import SEED, TRAIN_FLAGS, Range, check_flags, check_value, defining_args
 import Train_cifar
 import Train_clothing1M
+import Train_custom
 import Train_webvision
 from fake_cifar import write_fake_cifar
 from presets import PAPER_PRESETS
+from utils import check_resume_args
 from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -331,3 +333,23 @@ def test_no_flag_is_an_abbreviation_of_a_torchrun_option():
     assert [t for t in theirs if t.startswith("--r")]  # why --r itself is left out above
     args = importlib.import_module("Train_cifar").get_args_parser().parse_args(["--noise_ratio", "0.8"])
     assert args.r == 0.8
+
+
+# ----------------------------------------------------------------------------- what --resume compares
+
+@pytest.mark.parametrize("script", [Train_cifar, Train_clothing1M, Train_webvision, Train_custom],
+                         ids=lambda m: m.__name__)
+def test_resume_refuses_a_new_flag_unless_listed(script):
+    parser = script.get_args_parser()
+    parser.add_argument("--brand_new", type=int, default=0)
+    saved = defining_args(parser.parse_args([]), script.RESUME_MAY_CHANGE)
+    changed = defining_args(parser.parse_args(["--brand_new", "1"]), script.RESUME_MAY_CHANGE)
+    with pytest.raises(UserError, match="made with --brand_new 0, this run has 1"):
+        check_resume_args(saved, changed, changed.keys())
+    # listed among the flags that may change, it is not compared
+    free = script.RESUME_MAY_CHANGE + ("brand_new",)
+    saved, changed = (defining_args(parser.parse_args(a), free) for a in ([], ["--brand_new", "1"]))
+    check_resume_args(saved, changed, changed.keys())
+    # every listed flag is one of the script's; the run's length may change, its seed may not
+    assert set(script.RESUME_MAY_CHANGE) <= {a.dest for a in parser._actions}
+    assert "num_epochs" not in saved and "seed" in saved

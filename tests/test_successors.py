@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from sklearn.neighbors import NearestNeighbors
 
 import dividemix
-from dividemix import (DivideMixConfig, co_divide, fit_gmm, fit_gmm_classwise, knn_scores, normalise_losses,
+from dividemix import (DivideMixConfig, fit_gmm, fit_gmm_classwise, gmm_division, knn_scores, normalise_losses,
                        ood_removal, train_step)
 from fake_cifar import write_fake_cifar
 from PreResNet import ResNet18
@@ -65,16 +65,16 @@ def test_classwise_falls_back_to_the_global_fit_for_small_classes():
     assert np.array_equal(prob[:10], prob_global[:10])
 
 
-def test_co_divide_classwise_stats_and_global_default():
+def test_gmm_division_classwise_stats_and_global_default():
     losses, labels, clean = two_class_losses()
     history = [normalise_losses(losses)]
     np.random.seed(2)
-    plain = co_divide(history, 0.5, 1, clean)
+    plain = gmm_division(history, 0.5, 1, clean)
     np.random.seed(2)
-    again = co_divide(history, 0.5, 1, clean, labels=None)
+    again = gmm_division(history, 0.5, 1, clean, labels=None)
     assert np.array_equal(plain[0], again[0]) and "classwise" not in plain[3]
     np.random.seed(2)
-    prob, input_loss, _, stats = co_divide(history, 0.5, 1, clean, labels=labels, min_samples=20)
+    prob, input_loss, _, stats = gmm_division(history, 0.5, 1, clean, labels=labels, min_samples=20)
     per_class = stats["classwise"]
     assert per_class["classes"] == [0, 1] and per_class["fallback"] == []
     pred = prob > 0.5
