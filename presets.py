@@ -20,6 +20,8 @@ PAPER_PRESETS = {
     ("cifar100", "sym", 0.9): {"lambda_u": 150, "p_threshold": 0.6},
 }
 ORIGINAL_DEFAULTS = {"lambda_u": 25, "p_threshold": 0.5}
+# The noise modes drawn at a rate r (instance-dependent noise too); CIFAR-N's modes below bring their own labels.
+SYNTHETIC_MODES = ("sym", "asym", "idn")
 # CIFAR-N (Wei et al., ICLR 2022): each human-label mode and the data set it labels.
 CIFARN_MODES = {"aggre": "cifar10", "worst": "cifar10", "rand1": "cifar10", "rand2": "cifar10", "rand3": "cifar10",
                 "noisy100": "cifar100"}

@@ -1,16 +1,23 @@
-"""scripts/sweep_cifar.sh: dry-run listing, presets, run dirs, skip/resume, seeds, GPU spreading, execution.
+"""scripts/sweep_cifar.sh: dry-run listing, presets, run dirs, skip/resume, seeds, GPU spreading, execution; then
+sweep.py's parts in-process: argument parsing, cells, the plan, the job script, the worker pool.
 
 Nothing trains: execution tests replace Train_cifar.py by a fake script through $TRAIN_SCRIPT.
 """
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from presets import run_prefix
+from cli import UserError
+from presets import PAPER_PRESETS, run_prefix
+from rundirs import UNCHECKPOINTED_EPOCHS
+import sweep as sweep_py  # `sweep` below runs the shell entry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "scripts", "sweep_cifar.sh")
@@ -355,3 +362,224 @@ def test_slurm_tasks_carry_the_new_cells(tmp_path, env):
         task = sweep(task_sweep[1:] + ["--dry-run", "--seeds", seed, cell], env)
         (_, opts, _), = commands(task.stdout)
         assert opts["--output_dir"] == run_dir
+
+
+# ----------------------------------------------------------------------------- sweep.py in-process
+
+def test_sweep_module_needs_no_torch():
+    """The sweep plans and prints without loading torch (nor utils, which imports it)."""
+    code = "import sys, sweep\nprint('torch' in sys.modules, 'utils' in sys.modules)\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0 and proc.stdout == "False False\n", proc.stderr
+
+
+def test_arguments_lists_end_where_their_kind_ends():
+    """--seeds takes integers and --gpus ids without a colon, so cells may follow either; values may start with -."""
+    args = sweep_py.parse_args(["--seeds", "1", "-0", "cifar10:sym:0.5", "--gpus", "0", "GPU-1a", "cifar10:worst",
+                                "--out", "-odd", "--dry_run", "--seeds", "7", "--", "--num_epochs", "3", "x:y"])
+    assert args.seeds == [1, 0, 7] and args.gpus == ["0", "GPU-1a"] and args.root == "-odd" and args.dry_run
+    assert args.cells == ["cifar10:sym:0.5", "cifar10:worst"] and args.train_args == ["--num_epochs", "3", "x:y"]
+    args = sweep_py.parse_args([])
+    assert (args.seeds, args.gpus, args.cells, args.root, args.slurm) == ([123], None, [], "./runs", False)
+    assert (args.cifar10_path, args.cifar100_path, args.gpus_per_task, args.warn_seconds) == \
+        ("./cifar-10", "./cifar-100", "1", "300")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "x"], "--seeds needs at least one integer, e.g. --seeds 1 2 3"),
+    (["--gpus", "-1"], "--gpus needs at least one GPU id, e.g. --gpus 0 1"),
+    (["--out"], "--out needs a value"),
+    (["--out=x"], "unknown option --out=x (Train_cifar.py options go after --)"),
+    (["--bogus", "-h"], "unknown option --bogus"),
+    (["--gpus_per_task", "1.5"], "--gpus_per_task 1.5 is not allowed: give an integer >= 0"),
+    (["--warn_seconds", "-3"], "--warn_seconds -3 is not allowed: give an integer >= 0"),
+    (["--", "--seed=3"], "--seed is set by the sweep per run; leave it out of the arguments after --"),
+    (["--", "--ood_path", "x"], "--ood_path is a sweep option: give it before the cells, not after --"),
+    (["--seeds", "4294967296"], "--seeds 4294967296 is outside 0..4294967295: give integers in that range"),
+    (["--", "--num_epochs", "+3"], "--num_epochs +3 is not allowed: give an integer >= 0 (the last epoch)"),
+])
+def test_argument_errors(argv, message):
+    """Each usage error is a UserError with the shell version's words."""
+    with pytest.raises(UserError) as info:
+        sweep_py.parse_args(argv)
+    assert str(info.value).startswith(message)
+
+
+def test_help_is_the_usage_text_wherever_it_comes(capsys):
+    """-h prints the usage and exits 0 where it stands: what follows it is not looked at."""
+    with pytest.raises(SystemExit) as info:
+        sweep_py.parse_args(["--seeds", "1", "-h", "--bogus"])
+    assert info.value.code == 0 and capsys.readouterr().out == sweep_py.USAGE
+
+
+def test_main_reports_a_usage_error_on_one_line(capsys):
+    """main turns a UserError into one `error: ...` line and exit status 2."""
+    assert sweep_py.main(["--dry-run", "cifar10:sym"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: cell 'cifar10:sym': sym noise needs its rate r: write cifar10:sym:r, e.g. cifar10:sym:0.4\n"
+
+
+def test_cells_parse_into_their_names():
+    """A cell's command-line text, run-directory stem and Train_cifar.py prefix."""
+    cases = {"cifar10:sym:0.5": ("cifar10:sym:0.5", "cifar10_sym_0.5", "cifar10_0.5_sym"),
+             "cifar10:sym:.50": ("cifar10:sym:0.5", "cifar10_sym_0.5", "cifar10_0.5_sym"),
+             "cifar100:idn:0.45": ("cifar100:idn:0.45", "cifar100_idn_0.45", "cifar100_0.45_idn"),
+             "cifar10:sym:0": ("cifar10:sym:0", "cifar10_sym_0", "cifar10_0.0_sym"),
+             "cifar10:sym:0.1234567": ("cifar10:sym:0.1234567", "cifar10_sym_0.1234567", "cifar10_0.1234567_sym"),
+             "cifar10:worst": ("cifar10:worst", "cifar10_worst", "cifar10_worst"),
+             "cifar10:aggre:ood0.1": ("cifar10:aggre:ood0.1", "cifar10_aggre_ood0.1", "cifar10_aggre_ood0.1"),
+             "cifar10:sym:0.2:ood0.25": ("cifar10:sym:0.2:ood0.25", "cifar10_sym_0.2_ood0.25",
+                                         "cifar10_0.2_sym_ood0.25")}
+    for text, names in cases.items():
+        cell = sweep_py.parse_cell(text)
+        assert (cell.text, cell.stem, cell.prefix) == names, text
+    assert sweep_py.parse_cell("cifar100:noisy100") == sweep_py.Cell("cifar100", "noisy100", None, 0.0)
+    for text in ("cifar10:sym:1.5", "cifar10:sym:x", "cifar10:sym:0.2:ood1", "cifar10:rand1:0.2", "cifar100:rand1",
+                 "cifar10:idn", "svhn:sym:0.5", "cifar10:foo:0.5", "cifar10"):
+        with pytest.raises(UserError, match=f"cell '{text}'"):
+            sweep_py.parse_cell(text)
+
+
+def plan_of(argv):
+    """sweep.plan of a command line, as (run folder name, state, note, lambda_u, p_threshold, source) rows."""
+    runs = sweep_py.plan(sweep_py.parse_args(argv))
+    return [(os.path.basename(r.run_dir), r.state, r.note, r.lambda_u, r.p_threshold, r.source) for r in runs]
+
+
+def test_plan_presets_and_table1(tmp_path):
+    """Table 1 by default, in presets.PAPER_PRESETS order and with its values; other cells their own source."""
+    rows = plan_of(["--out", str(tmp_path)])
+    assert [row[0] for row in rows] == [f"{d}_{m}_{r:g}_seed123" for d, m, r in PAPER_PRESETS]
+    assert [(row[3], row[4]) for row in rows] == [(str(v["lambda_u"]), str(v["p_threshold"]))
+                                                  for v in PAPER_PRESETS.values()]
+    assert {row[5] for row in rows} == {"paper preset"}
+    rows = plan_of(["--out", str(tmp_path), "--ood_path", "o", "cifar10:worst", "cifar100:idn:0.4",
+                    "cifar10:sym:0.9:ood0.2", "cifar10:sym:0.9:ood0.2", "--", "--p_threshold", "0.7"])
+    assert [row[3:] for row in rows] == [("0", "0.7", "set after --"), ("25", "0.7", "set after --"),
+                                         ("50", "0.7", "set after --")]  # the repeated cell is planned once
+    assert [row[5] for row in plan_of(["cifar10:worst", "cifar100:idn:0.4"])] == \
+        ["CIFAR-N preset (noisypy reproduction)", "original-code default, no paper preset"]
+    with pytest.raises(UserError, match="asks for open-set noise: give --ood_path P"):
+        plan_of(["cifar10:sym:0.9:ood0.2"])
+
+
+def test_plan_run_states(tmp_path):
+    """finished, resume (either checkpoint), restart up to rundirs.UNCHECKPOINTED_EPOCHS logged, blocked beyond."""
+    root = tmp_path / "runs"
+    write_run(root / "cifar10_sym_0.5_seed1", "cifar10", 0.5, "sym", 10, 10, checkpoint=True)
+    write_run(root / "cifar10_sym_0.5_seed2", "cifar10", 0.5, "sym", 10, 6, checkpoint=True, cut_line=True)
+    write_run(root / "cifar10_sym_0.5_seed3", "cifar10", 0.5, "sym", 10, UNCHECKPOINTED_EPOCHS - 1, checkpoint=False)
+    write_run(root / "cifar10_sym_0.5_seed4", "cifar10", 0.5, "sym", 10, UNCHECKPOINTED_EPOCHS, checkpoint=False)
+    write_run(root / "cifar10_sym_0.5_seed5", "cifar10", 0.5, "sym", 10, 3, checkpoint=False)
+    prefix = root / "cifar10_sym_0.5_seed5" / "cifar10_0.5_sym"
+    os.rename(f"{prefix}_log.jsonl", f"{prefix}_acc.txt")  # logs, yet no JSON epoch
+    (root / "cifar10_sym_0.5_seed5" / "cifar10_0.5_sym_checkpoint_prev.pth.tar").write_bytes(b"x")
+    rows = plan_of(["--out", str(root), "--seeds", "1", "2", "3", "4", "5", "6", "cifar10:sym:0.5"])
+    assert [row[1:3] for row in rows] == [
+        ("finished", "epoch 10/10"), ("resume", "epoch 6/10"),
+        ("new", "restart (stopped before its first checkpoint)"),
+        ("blocked", f"{root}/cifar10_sym_0.5_seed4 holds cifar10_0.5_sym logs of epochs up to {UNCHECKPOINTED_EPOCHS} "
+                    "but no checkpoint, so Train_cifar.py would refuse it: remove that directory to start the run "
+                    "again"),
+        ("resume", "checkpoint"), ("new", "no output yet")]
+    # --num_epochs after -- replaces the config's: the finished run is one to continue
+    assert plan_of(["--out", str(root), "--seeds", "1", "cifar10:sym:0.5", "--", "--num_epochs=12"])[0][1:3] == \
+        ("resume", "epoch 10/12")
+
+
+def test_job_script_from_the_template(tmp_path, monkeypatch):
+    """Every placeholder filled, optional #SBATCH lines only when asked for, and bash reads the result."""
+    monkeypatch.setenv("PYTHON", "/opt/py 3/bin/python")
+    monkeypatch.delenv("TRAIN_SCRIPT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    args = sweep_py.parse_args(["--slurm", "--dry-run", "--seeds", "1", "2", "--out", "r", "--ood_path", "ood",
+                                "cifar10:aggre:ood0.1", "--gpus_per_task", "0", "--", "--num_epochs", "5", "--note",
+                                "a b"])
+    runs = sweep_py.plan(args)
+    text = sweep_py.job_script(args, runs)
+    lines = text.splitlines()
+    assert lines[:7] == ["#!/usr/bin/env bash", "#SBATCH --job-name=dividemix-sweep", "#SBATCH --array=0-1",
+                         "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@300",
+                         f"#SBATCH --output={tmp_path}/r/slurm/%x_%A_%a.out"]
+    assert lines[7].startswith("# Written by") and "@{" not in text and text.endswith('wait "$child"\n')
+    assert "runs=( cifar10:aggre:ood0.1\\ 1\\ r/cifar10_aggre_ood0.1_seed1 cifar10:aggre:ood0.1\\ 2\\ " \
+           "r/cifar10_aggre_ood0.1_seed2 )" in lines
+    assert f"sweep=( {REPO}/scripts/sweep_cifar.sh --out {tmp_path}/r --cifar10_path {tmp_path}/./cifar-10 " \
+           f"--cifar100_path {tmp_path}/./cifar-100 --ood_path {tmp_path}/ood )" in lines
+    assert "train_args=( --num_epochs 5 --note a\\ b )" in lines and "export PYTHON=/opt/py\\ 3/bin/python" in lines
+    assert not any(line.startswith(("#SBATCH --partition", "#SBATCH --time", "#SBATCH --gres", "export TRAIN_SCRIPT"))
+                   for line in lines)
+    monkeypatch.setenv("TRAIN_SCRIPT", "/t/fake.py")
+    args = sweep_py.parse_args(["--slurm", "--dry-run", "--out", "/abs", "--partition", "gpu", "--time", "1:00:00",
+                                "--gpus_per_task", "2", "--warn_seconds", "60", "cifar10:sym:0.5"])
+    lines = sweep_py.job_script(args, sweep_py.plan(args)).splitlines()
+    assert lines[5:11] == ["#SBATCH --signal=B:USR1@60", "#SBATCH --output=/abs/slurm/%x_%A_%a.out",
+                           "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00", "#SBATCH --gres=gpu:2",
+                           lines[10]] and lines[10].startswith("# Written by")
+    assert "export TRAIN_SCRIPT=/t/fake.py" in lines and "train_args=( )" in lines
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+
+
+def test_bash_quote_is_printf_q():
+    """Words are quoted as bash's printf %q quotes them, so printed lines are what the shell version printed."""
+    words = ["plain/path-1.0_x", "", "a b", "it's", "~home", "a=~b", "x:~", "#c", "a#b", "$x`y`", "tab\there",
+             "new\nline", "esc\x1b", "é", "a,b;c|d&e", "(x)[y]{z}<>!?*^", "back\\slash", '"q"', "%x_%A", "-"]
+    proc = subprocess.run(["bash", "-c", 'printf "%q\\n" "$@"', "bash", *words], capture_output=True, text=True,
+                          env=dict(os.environ, LC_ALL="C.UTF-8"))
+    assert proc.stdout.splitlines() == [sweep_py.bash_quote(w) for w in words]
+
+
+def pool_job(tmp_path, name, code, gpu="default"):
+    """A sweep_py.Job running a Python snippet in the run folder tmp_path/name."""
+    run_dir = str(tmp_path / name)
+    argv = (sys.executable, "-c", code, run_dir)
+    return sweep_py.Job(run_dir, argv, gpu, " ".join(argv))
+
+
+def test_worker_pool_runs_each_slot_in_order(tmp_path, capsys):
+    """Job i runs on slot i % slots with its GPU; output goes to train.log; failures are counted and named."""
+    code = ("import os, sys, time\nprint('gpu', os.environ.get('CUDA_VISIBLE_DEVICES'))\n"
+            "open(os.path.join(sys.argv[1], 'start'), 'w').write(repr(time.time()))\n"
+            "time.sleep(0.3)\nsys.exit(3 if sys.argv[1].endswith('b') else 0)\n")
+    jobs = [pool_job(tmp_path, name, code, gpu) for name, gpu in (("a", "7"), ("b", "8"), ("c", "7"))]
+    assert sweep_py.WorkerPool(jobs, 2).run() == 1
+    out, err = capsys.readouterr()
+    assert re.search(f"^sweep: done {re.escape(str(tmp_path / 'a'))} \\([0-9]+ s, gpu 7\\)$", out, re.M)
+    assert f"sweep: done {tmp_path / 'c'}" in out
+    assert err == f"sweep: FAILED {tmp_path / 'b'} (exit 3, gpu 8): see {tmp_path / 'b'}/train.log\n"
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert log.startswith("=== sweep ") and log.endswith(f": {jobs[0].shown}\ngpu 7\n")
+    start = {name: float((tmp_path / name / "start").read_text()) for name in "abc"}
+    assert start["c"] - start["a"] >= 0.3  # c waited for a on slot 0
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the mask is given back
+
+
+def test_a_stop_signal_reaches_the_runs_and_waits_for_them(tmp_path):
+    """SIGTERM to the sweep: SIGTERM to each run going, which the sweep waits for (a 1 s checkpoint write); exit 130."""
+    child = ("import os, signal, sys, time\n"
+             "def stop(signum, frame):\n"
+             "    time.sleep(1)\n"
+             "    open(os.path.join(sys.argv[1], 'checkpoint'), 'w').write(signal.getsignal(signal.SIGINT).name)\n"
+             "    sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, stop)\n"
+             "open(os.path.join(sys.argv[1], 'started'), 'w').close()\n"
+             "time.sleep(60)\n")
+    driver = ("import sys, sweep\n"
+              "jobs = [sweep.Job(d, (sys.executable, '-c', sys.argv[1], d), 'default', '') for d in sys.argv[2:]]\n"
+              "try:\n    sweep.WorkerPool(jobs, 2).run()\nexcept sweep.Stopped:\n    sys.exit(130)\n")
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    proc = subprocess.Popen([sys.executable, "-c", driver, child, *map(str, dirs)], cwd=REPO, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not all((d / "started").exists() for d in dirs[:2]):
+        assert time.time() - t0 < 60 and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "sweep: stopping the workers\n", err
+    # both runs wrote their checkpoint before the sweep left; they had ignored SIGINT, as bash background jobs do
+    assert [(d / "checkpoint").read_text() for d in dirs[:2]] == ["SIG_IGN", "SIG_IGN"]
+    assert not dirs[2].exists()  # the third run never started
