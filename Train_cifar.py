@@ -20,8 +20,9 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        knn_scores, ood_removal, set_learning_rate)
 from epochs import end_epoch
 from flags import TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
+import noise
 from PreResNet import ResNet18
-from presets import NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
+from presets import CIFARN_MODES, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
 from utils import (RunDir, atomic_write, broadcast_from_main, check_sync_bn, init_distributed, is_main_process,
                    local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers,
                    world_size, wrap_ddp)
@@ -35,7 +36,7 @@ RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "download", 
                      "amp", "channels_last", "sync_bn")
 # Allowed values of every numeric flag, checked before anything is read or written. A warm_up beyond num_epochs
 # is allowed: the run is then warm-up only.
-FLAG_RANGES = {**TRAIN_FLAGS, **dataloader_cifar.NOISE_FLAGS, "eval_batch_size": Range(1),
+FLAG_RANGES = {**TRAIN_FLAGS, **noise.NOISE_FLAGS, "eval_batch_size": Range(1),
                "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1), "ood_k": Range(1),
                "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1),
                "lambda_e": Range(0)}
@@ -52,7 +53,7 @@ def get_args_parser():
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=300, type=int, help="last epoch (epochs 0..num_epochs are run)")
     p.add_argument("--id", default="")
-    dataloader_cifar.add_noise_arguments(p)  # --dataset, --data_path, --r, --noise_mode, --seed, noise files
+    noise.add_noise_arguments(p)  # --dataset, --data_path, --r, --noise_mode, --seed, noise files
     p.add_argument("--gpuid", default=0, type=int)
     p.add_argument("--num_class", default=None, type=int, help="default: 10 or 100 from --dataset")
     p.add_argument("--warm_up", default=None, type=int, help="warm-up epochs (default: 10 cifar10, 30 cifar100)")
@@ -84,7 +85,7 @@ def get_args_parser():
 def resolve_settings(args):
     """Validate the arguments and fill the preset-dependent ones; return {name: where its value came from}."""
     check_flags(args, FLAG_RANGES)
-    dataloader_cifar.resolve_noise_args(args)
+    noise.resolve_noise_args(args)
     sources = {}
     kind, preset = setting_preset(args.dataset, args.noise_mode, args.r)
     preset_source = {"paper": "paper preset", "cifarn": "CIFAR-N preset of the noisypy reproduction"}.get(kind)
@@ -226,15 +227,15 @@ def train(args, run, sources, device):
     on_main(dataloader_cifar.ensure_data, args.data_path, args.dataset, args.download)  # one download, by rank 0
     # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written
     train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset, args.num_class)
-    ood_images = dataloader_cifar.read_ood_source(args.ood_path, args.dataset) if args.ood_ratio else np.zeros(0)
+    ood_images = noise.read_ood_source(args.ood_path, args.dataset) if args.ood_ratio else np.zeros(0)
     # rank 0 reads or writes the noise (and replacement) file; with several processes the others get its result
-    noisy, replaced, source_index, note = on_main(dataloader_cifar.make_noise, args, train_x, clean, args.num_class,
+    noisy, replaced, source_index, note = on_main(noise.make_noise, args, train_x, clean, args.num_class,
                                                   len(ood_images))
-    noise_path = dataloader_cifar.noise_source(args)
+    noise_path = noise.noise_source(args)
     files = {"noise_file": noise_path}
-    source = ("CIFAR-N file " if args.noise_mode in dataloader_cifar.CIFARN_MODES else "noise file ") + noise_path
+    source = ("CIFAR-N file " if args.noise_mode in CIFARN_MODES else "noise file ") + noise_path
     if args.ood_ratio:
-        files["ood_file"] = dataloader_cifar.ood_file_path(args)
+        files["ood_file"] = noise.ood_file_path(args)
         source += " and replacement file " + files["ood_file"]
         train_x[replaced] = ood_images[source_index]  # open-set images keep the label of the image they replace
     # the labels (and the replaced images) define a run like its flags
@@ -278,7 +279,7 @@ def train(args, run, sources, device):
             phase = "warmup"
             records, timing = co_warmup(epoch, train_nets, optimizers,
                                         lambda: data.warmup_loader(args.batch_size * 2), device,
-                                        args.noise_mode == "asym" or args.noise_mode in dataloader_cifar.CIFARN_MODES,
+                                        args.noise_mode == "asym" or args.noise_mode in CIFARN_MODES,
                                         precision)
         else:
             phase = "train"

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from dataloader_cifar import Batches, normalise, random_crop_flip
+from cli import UserError
+from device_batches import Batches, normalise, random_crop_flip
 from imagelist import (IMAGE_EXTENSIONS, BadImages, ImageListDataset, ListLoaders, check_images, list_image_folder,
                        make_loader, numbered_lines, read_labeled_list)
-from cli import UserError
 
 LAYOUTS = ("auto", "imagefolder", "list", "animal10n", "food101n")
 AUGMENTS = ("crop", "resized_crop")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dataloader_cifar as dc
+import device_batches
 from fake_cifar import write_fake_cifar
 from cli import UserError
 
@@ -57,7 +58,7 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
 def test_crop_flip_shape_and_content():
     torch.manual_seed(0)
     imgs = torch.randint(1, 256, (500, 3, 32, 32), dtype=torch.uint8)  # no zero pixels in the source
-    out = dc.random_crop_flip(imgs)
+    out = device_batches.random_crop_flip(imgs)
     assert out.shape == imgs.shape and out.dtype == torch.uint8
     for i in range(len(imgs)):
         # every output is a shifted (and maybe flipped) window of the zero-padded source
@@ -82,7 +83,7 @@ def test_crop_flip_shape_and_content():
 def test_crop_offsets_cover_padding_and_flip_is_half():
     torch.manual_seed(1)
     imgs = (torch.arange(32, dtype=torch.uint8) + 1).view(1, 1, 1, 32).repeat(4000, 1, 32, 1)  # columns 1..32
-    out = dc.random_crop_flip(imgs)
+    out = device_batches.random_crop_flip(imgs)
     zero_rows = (out[:, 0, :, 16] == 0).sum(1)  # rows of zero padding at the top or bottom
     zero_cols = (out[:, 0, 16, :] == 0).sum(1)
     assert set(zero_rows.tolist()) == set(range(5))  # offsets 0..8 give 0..4 padded rows
@@ -98,7 +99,7 @@ def test_normalise_matches_to_tensor_then_normalize():
     mean, std = dc.MEAN_STD["cifar10"]
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     expected = (imgs.float() / 255 - m) / s
-    assert torch.allclose(dc.normalise(imgs, m, s), expected)
+    assert torch.allclose(device_batches.normalise(imgs, m, s), expected)
 
 
 def _data(n=30):

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from dataloader_cifar import inject_noise
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
+from noise import inject_noise
 from utils import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import bench
-import dataloader_cifar
 import dividemix
 from flags import SEED, TRAIN_FLAGS, Range, check_flags, check_value, defining_args
+import noise
 import Train_cifar
 import Train_clothing1M
 import Train_custom
@@ -38,8 +38,8 @@ def _validate_cifar(args):
 
 def _validate_noise_command(args):
     """The noise-file command's checks at the top of its main()."""
-    check_flags(args, dataloader_cifar.NOISE_FLAGS)
-    dataloader_cifar.resolve_noise_args(args)
+    check_flags(args, noise.NOISE_FLAGS)
+    noise.resolve_noise_args(args)
 
 
 SCRIPTS = {
@@ -48,7 +48,7 @@ SCRIPTS = {
                             Train_clothing1M.FLAG_RANGES),
     "Train_webvision.py": (Train_webvision.get_args_parser, lambda a: check_flags(a, Train_webvision.FLAG_RANGES),
                            Train_webvision.FLAG_RANGES),
-    "dataloader_cifar.py": (dataloader_cifar.get_args_parser, _validate_noise_command, dataloader_cifar.NOISE_FLAGS),
+    "dataloader_cifar.py": (noise.get_args_parser, _validate_noise_command, noise.NOISE_FLAGS),
     "bench.py": (bench.get_args_parser, lambda a: check_flags(a, bench.FLAG_RANGES), bench.FLAG_RANGES),
 }
 TRAINING = ("Train_cifar.py", "Train_clothing1M.py", "Train_webvision.py")
@@ -324,7 +324,7 @@ def test_no_flag_is_an_abbreviation_of_a_torchrun_option():
     original's name and stays; --noise_ratio is its spelling under torchrun."""
     from torch.distributed.run import get_args_parser as torchrun_parser
     theirs = [o for action in torchrun_parser()._actions for o in action.option_strings if o.startswith("--")]
-    for script in ("Train_cifar.py", "Train_clothing1M.py", "Train_webvision.py", "dataloader_cifar.py"):
+    for script in ("Train_cifar.py", "Train_clothing1M.py", "Train_webvision.py", "noise.py"):
         module = importlib.import_module(script[:-3])
         ours = [o for action in module.get_args_parser()._actions for o in action.option_strings
                 if o.startswith("--") and o not in ("--r", "--help")]

@@ -8,11 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from dataloader_cifar import (asym_transition, check_noise_fits, expected_changes, get_args_parser, inject_noise,
-                              load_or_create_noise, noise_file_path, noise_seed, ratio_text, read_cifar,
-                              validate_setting)
-from dataloader_cifar import main as noise_main
 from cli import UserError
+from dataloader_cifar import read_cifar
+from noise import (asym_transition, check_noise_fits, expected_changes, get_args_parser, inject_noise,
+                   load_or_create_noise, noise_file_path, noise_seed, validate_setting)
+from noise import main as noise_main
+from presets import ratio_text
 
 VECTORS = json.load(open(os.path.join(os.path.dirname(__file__), "reference_noise_vectors.json")))["vectors"]
 

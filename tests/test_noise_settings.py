@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import dataloader_cifar
-from dataloader_cifar import (CIFARN_KEYS, CIFARData, check_noise_fits, choose_replacement, expected_changes,
-                              get_args_parser, idn_flip_distribution, instance_noise, load_or_create_noise,
-                              load_or_create_replacement, read_cifar, read_cifarn, read_ood_source, validate_setting)
-from dataloader_cifar import main as noise_main
-from fake_cifar import write_fake_cifar
 from cli import UserError
+from dataloader_cifar import CIFARData, read_cifar
+from fake_cifar import write_fake_cifar
+import noise
+from noise import (CIFARN_KEYS, check_noise_fits, choose_replacement, expected_changes, get_args_parser,
+                   idn_flip_distribution, instance_noise, load_or_create_noise, load_or_create_replacement,
+                   read_cifarn, read_ood_source, validate_setting)
+from noise import main as noise_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +64,7 @@ def as_numpy1_file(path):
 def args_of(*argv):
     """The noise command's arguments, with --r's default filled in where it applies."""
     args = get_args_parser().parse_args(list(argv))
-    dataloader_cifar.resolve_noise_args(args)
+    noise.resolve_noise_args(args)
     return args
 
 
@@ -312,7 +313,7 @@ def test_open_set_noise_of_a_run(cifar_pair, capsys):
     assert abs(int(np.sum(labels[keep] != clean[keep])) - 45) <= 12
     # the same command again reuses both files; the run's labels and images follow from them
     args = args_of(*argv)
-    again = dataloader_cifar.make_noise(args, images, clean, 10, 300)
+    again = noise.make_noise(args, images, clean, 10, 300)
     assert again[0] == labels.tolist() and np.array_equal(again[1], replaced)
     assert "(reused, 50 images)" in again[3] and "noise file" in again[3]
     data = CIFARData(images, labels, clean, images[:4], clean[:4], "cifar10", torch.device("cpu"), ood=replaced)
@@ -324,7 +325,7 @@ def test_open_set_noise_of_a_run(cifar_pair, capsys):
     with open(os.path.join(data_path, "0.2_sym_ood0.25.json"), "w") as f:
         json.dump(other.tolist(), f)
     with pytest.raises(UserError, match="changes the label of image %d, which the open-set replacement" % replaced[0]):
-        dataloader_cifar.make_noise(args, images, clean, 10, 300)
+        noise.make_noise(args, images, clean, 10, 300)
 
 
 def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path):
