@@ -160,7 +160,9 @@ def get_args_parser():
     p.add_argument("--batch_size", default=64, type=int)
     p.add_argument("--eval_batch_size", default=1024, type=int)
     p.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int, help="baseline DataLoader workers")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (fast path)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on the fast path (default: as the training scripts, on with CUDA, off on "
+                        "the CPU, where CPUs without native bf16 run it about 10x slower than fp32)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="(fast path)")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's nets")
     p.add_argument("--epochs", default=2, type=int, help="train epochs per net, to see memory growth")
@@ -190,7 +192,7 @@ def time_fast(arrays, args, device, shard=None):
     """Time this project's path (device-resident data, batched augmentation) on this process or shard."""
     train, labels, clean, test, test_labels, pred, prob = arrays
     data = dataloader_cifar.CIFARData(train, labels, clean, test, test_labels, "cifar10", device, shard)
-    precision = Precision(amp=args.amp, channels_last=args.channels_last)
+    precision = Precision.from_args(args, device)  # --amp None: the training scripts' default for the device
     return run_phases("fast", fast_loaders(data, pred, prob, args), precision, args, device, data.clean_mask, shard)
 
 
