@@ -15,16 +15,18 @@ import numpy as np
 import torch
 import torch.optim as optim
 
+from checkpointing import atomic_write, run_state
 from cli import UserError, run_main
 import dataloader_cifar
+from distributed import (broadcast_from_main, check_sync_bn, init_distributed, is_main_process, local_batch_size,
+                         make_shard, on_main, seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, eval_train, evaluate,
                        gmm_summary, knn_scores, normalise_losses, ood_removal, set_learning_rate)
 from flags import TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
 from PreResNet import ResNet18
 from presets import NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
-from utils import (RunDir, atomic_write, broadcast_from_main, check_sync_bn, init_distributed, is_main_process,
-                   json_safe, local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers,
-                   timed, world_size, wrap_ddp)
+from run_folder import RunDir, run_config
+from utils import json_safe, timed
 
 LR_DECAY_EPOCH = 150
 # Arguments that define a run: --resume refuses a checkpoint made with other values.

@@ -17,14 +17,17 @@ import torch.nn as nn
 import torch.optim as optim
 import torchvision
 
+from checkpointing import atomic_save, run_state
 from cli import UserError, run_main
 from dataloader_clothing1M import Clothing1M
+from distributed import (check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard, on_main,
+                         seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from flags import AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
 from imagelist import add_loader_arguments
-from utils import (RunDir, atomic_save, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size,
-                   make_shard, on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from run_folder import RunDir, run_config
+from utils import json_safe
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "num_batches",

@@ -12,15 +12,18 @@ import time
 import torch
 import torch.optim as optim
 
+from checkpointing import run_state
 from cli import run_main
 from dataloader_webvision import WebVision
+from distributed import (check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard, on_main,
+                         seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, eval_train, evaluate, gmm_summary,
                        normalise_losses, set_learning_rate)
 from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags
 from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (RunDir, check_sync_bn, init_distributed, is_main_process, json_safe, local_batch_size, make_shard,
-                   on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from run_folder import RunDir, run_config
+from utils import json_safe
 
 LR_DECAY_EPOCH = 40
 DEFINING_ARGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "seed", "num_class", "warm_up",

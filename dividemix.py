@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from utils import Progress, gather_rows, mean_over_ranks
+from distributed import gather_rows, mean_over_ranks
+from utils import Progress
 
 
 @dataclass

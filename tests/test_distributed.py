@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from checkpointing import verify_checkpoint
 import dataloader_cifar
 from dividemix import division_stats, eval_train, normalise_losses
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from PreResNet import ResNet18
-from utils import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "cifar10_0.5_sym"
@@ -177,7 +177,8 @@ def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
     proc = torchrun(2, ["Train_cifar.py"], *cifar_args(data, tmp_path / "out", 1), "--batch_size", 7)
     assert proc.returncode != 0
     assert "error: --batch_size 7 does not split evenly over 2 processes" in proc.stderr
-    assert os.path.join(ROOT, "utils.py") not in proc.stderr  # no traceback of the script (torchrun prints its own)
+    # no traceback of the script (torchrun prints its own)
+    assert os.path.join(ROOT, "distributed.py") not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
