@@ -14,8 +14,12 @@ import numpy as np
 import torch
 import torch.optim as optim
 
+from checkpointing import atomic_write, run_state
+import cifar_files
 from cli import UserError, run_main
 import dataloader_cifar
+from distributed import (broadcast_from_main, check_sync_bn, init_distributed, is_main_process, local_batch_size,
+                         make_shard, on_main, seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, evaluate, gmm_summary,
                        knn_scores, ood_removal, set_learning_rate)
 from epochs import end_epoch
@@ -23,9 +27,7 @@ from flags import TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_fl
 import noise
 from PreResNet import ResNet18
 from presets import CIFARN_MODES, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
-from utils import (RunDir, atomic_write, broadcast_from_main, check_sync_bn, init_distributed, is_main_process,
-                   local_batch_size, make_shard, on_main, run_config, run_state, seed_process, sync_buffers,
-                   world_size, wrap_ddp)
+from run_folder import RunDir, run_config
 
 LR_DECAY_EPOCH = 150
 # The flags that may differ at --resume: where the files are (the labels and replaced images are checked by their
@@ -224,9 +226,9 @@ def train(args, run, sources, device):
     precision = Precision.from_args(args, device)
     print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
     seed_process(args.seed)
-    on_main(dataloader_cifar.ensure_data, args.data_path, args.dataset, args.download)  # one download, by rank 0
+    on_main(cifar_files.ensure_data, args.data_path, args.dataset, args.download)  # one download, by rank 0
     # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written
-    train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(args.data_path, args.dataset, args.num_class)
+    train_x, clean, test_x, test_y = cifar_files.read_cifar(args.data_path, args.dataset, args.num_class)
     ood_images = noise.read_ood_source(args.ood_path, args.dataset) if args.ood_ratio else np.zeros(0)
     # rank 0 reads or writes the noise (and replacement) file; with several processes the others get its result
     noisy, replaced, source_index, note = on_main(noise.make_noise, args, train_x, clean, args.num_class,

@@ -23,16 +23,18 @@ import torch.nn.functional as F
 import torch.optim as optim
 import torchvision
 
-import dataloader_custom
+from checkpointing import atomic_write, run_state
 from cli import UserError, run_main
+import dataloader_custom
+from distributed import (check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard, on_main,
+                         seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, division_stats, evaluate,
                        gmm_summary, predict, set_learning_rate)
 from epochs import BestWeights, end_epoch
 from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
 from imagelist import add_loader_arguments
 from PreResNet import PreActBlock, PreActResNet
-from utils import (RunDir, atomic_write, check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard,
-                   on_main, run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from run_folder import RunDir, run_config
 
 TORCHVISION_ARCHS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
 ARCHS = ("preact_resnet18",) + tuple(TORCHVISION_ARCHS)

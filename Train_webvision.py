@@ -12,16 +12,18 @@ import time
 import torch
 import torch.optim as optim
 
+from checkpointing import run_state
 from cli import run_main
 from dataloader_webvision import WebVision
+from distributed import (check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard, seed_process,
+                         sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, evaluate, gmm_summary,
                        set_learning_rate)
 from epochs import end_epoch
 from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
 from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
-from utils import (RunDir, check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard,
-                   run_config, run_state, seed_process, sync_buffers, world_size, wrap_ddp)
+from run_folder import RunDir, run_config
 
 LR_DECAY_EPOCH = 40
 # The flags that may differ at --resume: where the files are (the training labels are checked by their digest),

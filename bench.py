@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import UserError, run_main
 import dataloader_cifar
+from distributed import (init_distributed, is_main_process, local_batch_size, make_shard, on_main, select_device,
+                         world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, eval_train, evaluate, gmm_division, normalise_losses, train_epoch,
                        warmup_epoch)
 from flags import AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, check_flags
 from PreResNet import ResNet18
-from utils import (init_distributed, is_main_process, local_batch_size, make_shard, on_main, select_device, world_size,
-                   wrap_ddp)
 
 PHASES = ("warmup", "eval", "gmm", "train1", "train2", "test")
 # Allowed values of every numeric flag. The GMM needs two images at least, and the fixed half/half division

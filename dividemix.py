@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.mixture import GaussianMixture
 
-from utils import Progress, broadcast_from_main, gather_rows, is_main_process, mean_over_ranks, timed
+from distributed import broadcast_from_main, gather_rows, is_main_process, mean_over_ranks
+from utils import Progress, timed
 
 
 @dataclass

@@ -5,7 +5,8 @@ import time
 
 import torch
 
-from utils import atomic_save, json_safe
+from checkpointing import atomic_save
+from utils import json_safe
 
 
 def end_epoch(run, epoch, phase, lr, t_epoch, shown, records, timing, checkpoint, scores=None, extra=None,

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from cli import UserError
-from utils import gather_objects, world_size
+from distributed import gather_objects, world_size
 
 # What one sample is in each loader mode of the algorithm engine (dividemix.py).
 MODES = ("plain", "labeled", "unlabeled")

@@ -10,8 +10,8 @@ import random
 import numpy as np
 import torch
 
+from cifar_files import LABEL_KEY, TRAIN_FILES, ensure_data, read_batch, read_cifar
 from cli import UserError
-from dataloader_cifar import LABEL_KEY, TRAIN_FILES, ensure_data, read_batch, read_cifar
 from flags import SEED, FlagParser, Range, check_flags, check_value
 from presets import CIFARN_MODES, NUM_CLASSES, SYNTHETIC_MODES, noise_file_name, ratio_text
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from device_batches import Batches  # noqa: E402 (the project root is put on the path first)
+from distributed import Shard, gather_objects, gather_rows, get_rank, make_shard, world_size, wrap_ddp  # noqa: E402
 from dividemix import eval_train, evaluate, mixmatch, prior_penalty, warmup_epoch  # noqa: E402
-from utils import Shard, gather_objects, gather_rows, get_rank, make_shard, world_size, wrap_ddp  # noqa: E402
 
 
 class FrozenBatchNorm(nn.BatchNorm2d):

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import dividemix  # noqa: E402 (the project root is put on the path first)
-import utils  # noqa: E402
+import checkpointing  # noqa: E402 (the project root is put on the path first)
+import distributed  # noqa: E402
+import dividemix  # noqa: E402
 
 
 def digest(tensors):
@@ -47,7 +48,7 @@ def main():
     kill = os.environ.get("KILL")
     rank = int(os.environ.get("RANK", "0"))
     record = {"epochs": [], "divisions": []}
-    run_state, co_train = utils.run_state, dividemix.co_train
+    run_state, co_train = checkpointing.run_state, dividemix.co_train
 
     def probed_run_state(epoch, defining, args, nets, optimizers, **extra):
         """run_state, noting digests of what each rank holds; the kill fault."""
@@ -57,7 +58,7 @@ def main():
         if probe:
             with open(os.path.join(probe, f"rank{rank}.json"), "w") as f:
                 json.dump(record, f)
-        if kill and utils.restart_count() == 0 and kill == f"{rank}:{epoch}":
+        if kill and distributed.restart_count() == 0 and kill == f"{rank}:{epoch}":
             os.kill(os.getpid(), signal.SIGKILL)
         return state
 
@@ -66,7 +67,7 @@ def main():
         record["divisions"].append({"epoch": epoch, "probs": digest([np.asarray(p) for p in probs])})
         return co_train(epoch, nets, optimizers, probs, make_loaders, cfg, device)
 
-    utils.run_state, dividemix.co_train = probed_run_state, probed_co_train
+    checkpointing.run_state, dividemix.co_train = probed_run_state, probed_co_train
     sys.argv = sys.argv[1:]
     sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
     runpy.run_path(sys.argv[0], run_name="__main__")

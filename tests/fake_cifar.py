@@ -4,7 +4,7 @@ import pickle
 
 import numpy as np
 
-from dataloader_cifar import LABEL_KEY, TEST_FILES, TRAIN_FILES
+from cifar_files import LABEL_KEY, TEST_FILES, TRAIN_FILES
 
 
 def make_images(labels, rng):

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from checkpointing import verify_checkpoint
+import cifar_files
 import dataloader_cifar
 from dividemix import division_stats, eval_train, normalise_losses
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from PreResNet import ResNet18
-from utils import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "cifar10_0.5_sym"
@@ -127,7 +128,7 @@ def test_the_division_is_that_of_a_single_process_evaluation_of_the_same_weights
     out, _ = two
     checkpoint = torch.load(out / (PREFIX + "_checkpoint_prev.pth.tar"), weights_only=False)
     assert checkpoint["epoch"] == 0
-    train_x, clean, test_x, test_y = dataloader_cifar.read_cifar(str(data), "cifar10")
+    train_x, clean, test_x, test_y = cifar_files.read_cifar(str(data), "cifar10")
     noisy = json.loads((data / "0.5_sym.json").read_text())
     cifar = dataloader_cifar.CIFARData(train_x, noisy, clean, test_x, test_y, "cifar10", torch.device("cpu"))
     saved = np.load(out / (PREFIX + "_losses") / "epoch_001.npz")
@@ -177,7 +178,8 @@ def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
     proc = torchrun(2, ["Train_cifar.py"], *cifar_args(data, tmp_path / "out", 1), "--batch_size", 7)
     assert proc.returncode != 0
     assert "error: --batch_size 7 does not split evenly over 2 processes" in proc.stderr
-    assert os.path.join(ROOT, "utils.py") not in proc.stderr  # no traceback of the script (torchrun prints its own)
+    # no traceback of the script (torchrun prints its own)
+    assert os.path.join(ROOT, "distributed.py") not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

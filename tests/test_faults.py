@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from checkpointing import verify_checkpoint
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
-from utils import verify_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "cifar10_0.5_sym"

@@ -15,17 +15,17 @@ import pytest
 import torch
 
 import bench
+from checkpointing import check_resume_args
+from cli import UserError
 import dividemix
+from fake_cifar import write_fake_cifar
 from flags import SEED, TRAIN_FLAGS, Range, check_flags, check_value, defining_args
 import noise
+from presets import PAPER_PRESETS
 import Train_cifar
 import Train_clothing1M
 import Train_custom
 import Train_webvision
-from fake_cifar import write_fake_cifar
-from presets import PAPER_PRESETS
-from utils import check_resume_args
-from cli import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_TEXT = "0..4294967295"

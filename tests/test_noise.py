@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from cifar_files import read_cifar
 from cli import UserError
-from dataloader_cifar import read_cifar
 from noise import (asym_transition, check_noise_fits, expected_changes, get_args_parser, inject_noise,
                    load_or_create_noise, noise_file_path, noise_seed, validate_setting)
 from noise import main as noise_main

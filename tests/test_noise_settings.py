@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from cifar_files import read_cifar
 from cli import UserError
-from dataloader_cifar import CIFARData, read_cifar
+from dataloader_cifar import CIFARData
 from fake_cifar import write_fake_cifar
 import noise
 from noise import (CIFARN_KEYS, check_noise_fits, choose_replacement, expected_changes, get_args_parser,

@@ -367,8 +367,8 @@ def test_slurm_tasks_carry_the_new_cells(tmp_path, env):
 # ----------------------------------------------------------------------------- sweep.py in-process
 
 def test_sweep_module_needs_no_torch():
-    """The sweep plans and prints without loading torch (nor utils, which imports it)."""
-    code = "import sys, sweep\nprint('torch' in sys.modules, 'utils' in sys.modules)\n"
+    """The sweep plans and prints without loading torch (nor distributed, which imports it)."""
+    code = "import sys, sweep\nprint('torch' in sys.modules, 'distributed' in sys.modules)\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=REPO))
     assert proc.returncode == 0 and proc.stdout == "False False\n", proc.stderr

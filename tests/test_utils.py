@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from checkpointing import CheckpointWriter, atomic_save, check_resume_args, load_checkpoint
 from cli import UserError
-from utils import CheckpointWriter, RunLogs, atomic_save, check_resume_args, load_checkpoint
+from run_folder import RunLogs
 
 
 def test_checkpoint_writer_snapshots_before_training_goes_on(tmp_path):
@@ -65,20 +66,20 @@ def test_check_resume_args():
 
 
 def test_run_main_exit_code_and_one_line():
-    code = ("import utils\n"
-            "def main(a):\n    raise utils.UserError('bad thing: do this')\n"
-            "import cli\ncli.run_main(main, None)\n")
+    code = ("import cli\n"
+            "def main(a):\n    raise cli.UserError('bad thing: do this')\n"
+            "cli.run_main(main, None)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == "error: bad thing: do this\n"
 
 
 def test_errors_and_run_main_come_from_the_torch_free_cli_module():
-    """utils re-exports cli's error classes: `from utils import UserError` is the very same class."""
+    """cli defines the error classes and utils does not re-export them: they are imported from cli."""
     import cli
     import utils
-    assert utils.UserError is cli.UserError
-    assert utils.Interrupted is cli.Interrupted and issubclass(utils.ReportedOnRankZero, cli.UserError)
+    assert not any(hasattr(utils, name) for name in ("UserError", "Interrupted", "ReportedOnRankZero", "run_main"))
+    assert issubclass(cli.ReportedOnRankZero, cli.UserError)
 
 
 def test_run_main_still_ends_the_process_group(tmp_path):
