@@ -36,17 +36,18 @@ class PreActBlock(nn.Module):
 class PreActResNet(nn.Module):
     """Stem conv-BN-ReLU, four stages of PreAct blocks, 4x4 average pool, linear head."""
 
-    def __init__(self, block, num_blocks, num_classes=10):
-        """Build the network for 32x32 RGB inputs."""
+    def __init__(self, block, num_blocks, num_classes=10, width=64):
+        """Build the network for 32x32 RGB inputs; width: channels of the first stage (64 in the paper), doubled
+        at each later stage."""
         super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(block, 64, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(block, 128, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
-        self.linear = nn.Linear(512 * block.expansion, num_classes)
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(block, 2 * width, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, num_blocks[3], stride=2)
+        self.linear = nn.Linear(8 * width * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, num_blocks, stride):
         """Stack num_blocks blocks, the first with the given stride."""
@@ -57,7 +58,7 @@ class PreActResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def features(self, x):
-        """The penultimate embedding (512 per image) of a batch of normalised 32x32 images."""
+        """The penultimate embedding (8 x width = 512 per image in the paper's net) of a batch of normalised 32x32 images."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return F.avg_pool2d(out, 4).flatten(1)
@@ -72,6 +73,6 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-def ResNet18(num_classes=10):
-    """PreAct ResNet-18 (two blocks per stage)."""
-    return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes=num_classes)
+def ResNet18(num_classes=10, width=64):
+    """PreAct ResNet-18 (two blocks per stage); width 64 is the paper's network."""
+    return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes=num_classes, width=width)

@@ -41,7 +41,7 @@ RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "download", 
 FLAG_RANGES = {**TRAIN_FLAGS, **noise.NOISE_FLAGS, "eval_batch_size": Range(1),
                "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1), "ood_k": Range(1),
                "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1),
-               "lambda_e": Range(0)}
+               "lambda_e": Range(0), "net_width": Range(1)}
 
 
 def get_args_parser():
@@ -70,6 +70,9 @@ def get_args_parser():
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
+    p.add_argument("--net_width", default=64, type=int,
+                   help="channels of the PreAct ResNet-18's first stage, doubled at each stage (64: the paper's "
+                        "network; e.g. 8 for a quick smoke run)")
     # Successors' ideas (README "Successors' ideas as options"), all off by default.
     p.add_argument("--ood_filter", default="none", choices=("none", "knn"),
                    help="knn: take the samples farthest from their k nearest neighbours in embedding space out of "
@@ -119,9 +122,9 @@ def resolve_settings(args):
     return sources
 
 
-def create_model(num_class, device, precision, compile_net=False):
+def create_model(num_class, device, precision, compile_net=False, width=64):
     """A PreAct ResNet-18 on the training device, in the memory layout of `precision`."""
-    net = ResNet18(num_classes=num_class).to(device)
+    net = ResNet18(num_classes=num_class, width=width).to(device)
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compile_net:
@@ -250,7 +253,7 @@ def train(args, run, sources, device):
           f"{1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
 
     # ---- models --------------------------------------------------------------------------------------------
-    nets = [create_model(args.num_class, device, precision, args.compile) for _ in range(2)]
+    nets = [create_model(args.num_class, device, precision, args.compile, args.net_width) for _ in range(2)]
     optimizers = [create_optimizer(net, args.lr) for net in nets]
     histories = [[], []]
     removed = None  # the OOD filter's latest removal

@@ -20,10 +20,9 @@ from dividemix import division_stats, eval_train, normalise_losses
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from PreResNet import ResNet18
+from runs import CIFAR_FAST as FAST, PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREFIX = "cifar10_0.5_sym"
-FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", "--save_loss_every", "1"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -134,7 +133,7 @@ def test_the_division_is_that_of_a_single_process_evaluation_of_the_same_weights
     saved = np.load(out / (PREFIX + "_losses") / "epoch_001.npz")
     logged = records(out)[1]
     for k in (1, 2):
-        net = ResNet18(num_classes=10)
+        net = ResNet18(num_classes=10, width=8)
         net.load_state_dict(checkpoint["nets"][k - 1])
         losses = normalise_losses(eval_train(net, cifar.eval_loader(64), torch.device("cpu")))
         assert np.allclose(losses.numpy(), saved[f"loss{k}"], atol=1e-5)

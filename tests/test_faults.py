@@ -19,10 +19,9 @@ from checkpointing import verify_checkpoint
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
+from runs import CIFAR_FAST as FAST, PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PREFIX = "cifar10_0.5_sym"
-FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", "--save_loss_every", "1"]
 LOGS = (PREFIX + "_acc.txt", PREFIX + "_stats.txt", PREFIX + "_log.jsonl")
 CKPT = PREFIX + "_checkpoint.pth.tar"
 PREV = PREFIX + "_checkpoint_prev.pth.tar"

@@ -17,6 +17,7 @@ from dividemix import (DivideMixConfig, fit_gmm, fit_gmm_classwise, gmm_division
                        ood_removal, train_step)
 from fake_cifar import write_fake_cifar
 from PreResNet import ResNet18
+from runs import CIFAR_FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,7 +190,7 @@ def test_mixed_embedding_terms_by_hand(monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end, with resume
 
-FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", "--save_loss_every", "0"]
+FAST = [*CIFAR_FAST, "--save_loss_every", "0"]
 OPTIONS = ["--division", "classwise", "--ood_filter", "knn", "--ood_k", "3", "--ood_remove", "0.1",
            "--ood_interval", "1", "--mix", "input+embedding", "--lambda_e", "0.5"]
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from fake_cifar import write_fake_cifar
+from runs import CIFAR_FAST as FAST, PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", "--save_loss_every", "1"]
-PREFIX = "cifar10_0.5_sym"
 
 
 def run_train(*args, check=True):
