@@ -70,7 +70,7 @@ def get_args_parser():
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
     p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
-    # Successors' ideas (README "Successors' ideas as options"), all off by default.
+    # Successors' ideas (docs/successors.md), all off by default.
     p.add_argument("--ood_filter", default="none", choices=("none", "knn"),
                    help="knn: take the samples farthest from their k nearest neighbours in embedding space out of "
                         "both sets (Manifold DivideMix)")
