@@ -73,7 +73,7 @@ def get_args_parser():
     p.add_argument("--net_width", default=64, type=int,
                    help="channels of the PreAct ResNet-18's first stage, doubled at each stage (64: the paper's "
                         "network; e.g. 8 for a quick smoke run)")
-    # Successors' ideas (README "Successors' ideas as options"), all off by default.
+    # Successors' ideas (docs/successors.md), all off by default.
     p.add_argument("--ood_filter", default="none", choices=("none", "knn"),
                    help="knn: take the samples farthest from their k nearest neighbours in embedding space out of "
                         "both sets (Manifold DivideMix)")

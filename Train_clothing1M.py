@@ -2,10 +2,10 @@
 
     python Train_clothing1M.py --data_path ./clothing1M
 
-Differences from CIFAR (SPEC section 2): each epoch trains on fresh class-balanced draws of the noisy training
-list; the division used in an epoch was made at the END of the previous one, each net on its own draw; only the
-labeled rows enter the loss (Lx + penalty); warm-up adds the confidence penalty; the best-validation weights of
-each net are kept and tested together at the end.
+Differences from CIFAR (the authors' Train_clothing1M.py; docs/paper.md): each epoch trains on fresh class-balanced
+draws of the noisy training list; the division used in an epoch was made at the END of the previous one, each net on
+its own draw; only the labeled rows enter the loss (Lx + penalty); warm-up adds the confidence penalty; the
+best-validation weights of each net are kept and tested together at the end.
 """
 import os
 import sys

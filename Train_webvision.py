@@ -2,9 +2,10 @@
 
     python Train_webvision.py --data_path ./webvision
 
-Differences from CIFAR (SPEC section 3): the division used in an epoch was made at the END of the previous one;
-only the labeled rows enter the loss (Lx + penalty); warm-up is plain cross-entropy; after each epoch the summed
-logits are scored top-1/top-5 on WebVision val and on ImageNet val of the same 50 classes.
+Differences from CIFAR (the authors' Train_webvision.py; docs/paper.md): the division used in an epoch was made at
+the END of the previous one; only the labeled rows enter the loss (Lx + penalty); warm-up is plain cross-entropy;
+after each epoch the summed logits are scored top-1/top-5 on WebVision val and on ImageNet val of the same 50
+classes.
 """
 import sys
 import time

@@ -76,10 +76,10 @@ class WebVision:
         imagenet = os.path.join(root, "imagenet", "val")
         if not os.path.isdir(imagenet):
             raise UserError(f"WebVision: {imagenet} is missing: it holds the ImageNet val images of the first "
-                            f"{num_class} classes in folders 0..{num_class - 1} (see README)")
+                            f"{num_class} classes in folders 0..{num_class - 1} (see docs/real_world.md, Data)")
         self.imagenet_paths, self.imagenet_labels = _read_imagenet(imagenet, num_class)
         if not self.imagenet_paths:
-            raise UserError(f"WebVision: no images in {imagenet}/0..{num_class - 1}: see README, data preparation")
+            raise UserError(f"WebVision: no images in {imagenet}/0..{num_class - 1}: see docs/real_world.md, Data")
         check_images(self.imagenet_paths, imagenet)
         eval_bs = batch_size * 2
         self.val_loader = self.loader(self.val_paths, self.val_labels, self.test_tf, "plain", None, eval_bs, False,

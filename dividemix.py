@@ -52,7 +52,7 @@ class Precision:
 
 @dataclass
 class DivideMixConfig:
-    """Hyperparameters and the per-dataset switches of SPEC section 4."""
+    """Hyperparameters and the per-dataset switches of the authors' three scripts (docs/paper.md)."""
 
     num_class: int
     alpha: float = 4.0
@@ -370,7 +370,7 @@ def mixmatch(all_inputs, all_targets, alpha, rows=None, mix=None):
     batch, by l ~ Beta(alpha, alpha) taken as max(l, 1 - l); mix: draw_mix's (l, permutation), drawn here if None.
 
     With several processes a row's partner comes from its own rank's rows and each rank draws its own l: the
-    original's rule on a batch of B / world rows, with no images sent between processes (see README)."""
+    original's rule on a batch of B / world rows, with no images sent between processes (see docs/distributed.md)."""
     lam, idx = mix if mix is not None else draw_mix(all_inputs.shape[0], alpha, all_inputs.device)
     if rows is None:
         return lam * all_inputs + (1 - lam) * all_inputs[idx], lam * all_targets + (1 - lam) * all_targets[idx]

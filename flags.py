@@ -15,7 +15,7 @@ def add_engine_arguments(parser):
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels_last memory layout for nets and batches")
     parser.add_argument("--division", default="global", choices=("global", "classwise"),
-                        help="classwise: a GMM per observed class (RSL; see the README's successors section)")
+                        help="classwise: a GMM per observed class (RSL; see docs/successors.md)")
     parser.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
                         help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the "
                              "CPU has no SyncBatchNorm)")

@@ -82,7 +82,7 @@ def check_list_files(root, names, what):
     missing = [n for n in names if not os.path.isfile(os.path.join(root, n))]
     if missing:
         raise UserError(f"{what}: {root} lacks {', '.join(missing)}: point --data_path at the dataset root "
-                        "(see README, data preparation)")
+                        "(see docs/real_world.md, Data)")
 
 
 # ----------------------------------------------------------------------------- files on disk

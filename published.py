@@ -6,7 +6,8 @@ from collections import namedtuple
 # source gives one, and the mean of the last 10 epochs where the source gives it.
 Published = namedtuple("Published", "source best best_std last")
 
-# SPEC.md section 7 (the DivideMix paper's Table 1): test accuracy (%), best over epochs / mean of the last 10.
+# The DivideMix paper (Li, Socher and Hoi, ICLR 2020, arXiv:2002.07394), Table 1 (symmetric noise) and Table 2
+# (CIFAR-10, 40% asymmetric noise): test accuracy (%), best over epochs / mean of the last 10.
 PAPER_CIFAR = {
     ("cifar10", "sym", 0.2): (96.1, 95.7),
     ("cifar10", "sym", 0.5): (94.6, 94.4),
@@ -18,7 +19,8 @@ PAPER_CIFAR = {
     ("cifar100", "sym", 0.8): (60.2, 59.6),
     ("cifar100", "sym", 0.9): (31.5, 31.0),
 }
-PAPER_CLOTHING1M_TEST = 74.76
+PAPER_CLOTHING1M_TEST = 74.76  # the paper's Table 3
+# The paper's Table 4: top-1 / top-5 on WebVision val and on ILSVRC12 val of the same 50 classes.
 PAPER_WEBVISION = {"webvision_top1": 77.32, "webvision_top5": 91.64, "imagenet_top1": 75.20, "imagenet_top5": 90.84}
 
 # DivideMix on the human labels of CIFAR-10N / CIFAR-100N, best epoch, (mean, std).
@@ -36,8 +38,8 @@ IDN_INSTANCEGM = {0.2: 77.07, 0.3: 76.33, 0.4: 70.80, 0.45: 57.78, 0.5: 58.61}
 
 SOURCES = {
     "dividemix": ("DivideMix paper", "Li, Socher and Hoi, \"DivideMix: Learning with Noisy Labels as "
-                  "Semi-supervised Learning\", ICLR 2020, Table 1 (SPEC.md section 7); best epoch and mean of the "
-                  "last 10 epochs."),
+                  "Semi-supervised Learning\", ICLR 2020 (arXiv:2002.07394), Table 1 (symmetric noise) and Table 2 "
+                  "(CIFAR-10, 40% asymmetric noise); best epoch and mean of the last 10 epochs."),
     "cifarn": ("CIFAR-N paper", "Wei et al., \"Learning with Noisy Labels Revisited: A Study Using Real-World "
                "Human Annotations\", ICLR 2022: DivideMix on CIFAR-10N and CIFAR-100N, best epoch, mean ± std of "
                "3 runs."),

@@ -33,8 +33,8 @@ CSV_COLUMNS = ("section", "dataset", "noise_mode", "r", "ood_ratio", "lambda_u",
                "best_diff", "last_mean", "last_std", "paper_last", "last_diff", "paper_source", "alt_best",
                "alt_best_std", "alt_diff", "alt_source", "sec_per_epoch")
 SUMMARY = ("Accuracy in %. Ours: mean ± sample standard deviation (ddof = 1) over seeds; no ± with one seed. "
-           "Δ = ours − paper (paper: SPEC.md section 7). s/epoch: mean wall time of an epoch. "
-           "Each unfinished run has a row of its own with its numbers so far.")
+           "Δ = ours − paper (paper: Li, Socher and Hoi, ICLR 2020, Tables 1 and 2). "
+           "s/epoch: mean wall time of an epoch. Each unfinished run has a row of its own with its numbers so far.")
 NOTHING_PUBLISHED = Published(None, None, None, None)  # empty paper_* / alt_* cells where nothing is published
 # Footnotes cited by each section's table (keys of published.SOURCES).
 SECTION_SOURCES = {"cifar_n": ("cifarn", "noisypy"), "cifar_idn": ("instancegm",)}

@@ -128,7 +128,7 @@ def _batch(B=4, U=3, C=3, seed=0):
 
 
 def _reference_loss(net, net2, batch, cfg, lam, perm, lambda_now):
-    """The SPEC's iteration written out from the recorded outputs of the six no-grad forwards."""
+    """The original Train_cifar.py's iteration written out from the recorded outputs of the six no-grad forwards."""
     x, x2, labels, w, u, u2 = batch
     B = x.shape[0]
     (_, o_u11, *_), (_, o_u12, *_), (_, o_x, *_), (_, o_x2, *_) = net.calls[:4]

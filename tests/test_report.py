@@ -26,7 +26,7 @@ EXPECTED_CIFAR_MD = """\
 # DivideMix: our runs against the paper
 
 Accuracy in %. Ours: mean ± sample standard deviation (ddof = 1) over seeds; no ± with one seed. \
-Δ = ours − paper (paper: SPEC.md section 7). s/epoch: mean wall time of an epoch. \
+Δ = ours − paper (paper: Li, Socher and Hoi, ICLR 2020, Tables 1 and 2). s/epoch: mean wall time of an epoch. \
 Each unfinished run has a row of its own with its numbers so far.
 
 ## CIFAR (paper Table 1)
@@ -287,8 +287,9 @@ images replaced by images of another dataset (--ood_ratio). No DivideMix number 
 
 ## Sources
 
-Paper: Li, Socher and Hoi, "DivideMix: Learning with Noisy Labels as Semi-supervised Learning", ICLR 2020, \
-Table 1 (SPEC.md section 7); best epoch and mean of the last 10 epochs.
+Paper: Li, Socher and Hoi, "DivideMix: Learning with Noisy Labels as Semi-supervised Learning", ICLR 2020 \
+(arXiv:2002.07394), Table 1 (symmetric noise) and Table 2 (CIFAR-10, 40% asymmetric noise); best epoch and mean of the \
+last 10 epochs.
 
 [^cifarn]: Wei et al., "Learning with Noisy Labels Revisited: A Study Using Real-World Human Annotations", \
 ICLR 2022: DivideMix on CIFAR-10N and CIFAR-100N, best epoch, mean ± std of 3 runs.

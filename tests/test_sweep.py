@@ -22,7 +22,7 @@ import sweep as sweep_py  # `sweep` below runs the shell entry
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "scripts", "sweep_cifar.sh")
 
-# SPEC.md section 1 (paper appendix): (lambda_u, p_threshold) per Table 1 cell.
+# The paper's appendix (as presets.PAPER_PRESETS and docs/paper.md): (lambda_u, p_threshold) per Table 1 cell.
 TABLE1 = {("cifar10", "sym", "0.2"): ("0", "0.5"), ("cifar10", "sym", "0.5"): ("25", "0.5"),
           ("cifar10", "sym", "0.8"): ("25", "0.5"), ("cifar10", "sym", "0.9"): ("50", "0.6"),
           ("cifar10", "asym", "0.4"): ("0", "0.5"), ("cifar100", "sym", "0.2"): ("25", "0.5"),
