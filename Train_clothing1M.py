@@ -54,8 +54,8 @@ def get_args_parser():
     p.add_argument("--lr", "--learning_rate", default=0.002, type=float, dest="lr",
                    help=f"initial learning rate, divided by 10 from epoch {LR_DECAY_EPOCH}")
     p.add_argument("--alpha", default=0.5, type=float, help="MixMatch's Beta(alpha, alpha)")
-    p.add_argument("--lambda_u", default=0, type=float, help="weight for unsupervised loss (unused: labeled rows only)")
-    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+    p.add_argument("--lambda_u", default=0, type=float, help="weight of the unlabeled loss (unused: labeled rows only)")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean-probability threshold tau")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=80, type=int, help="last epoch (epochs 0..num_epochs are run)")
     p.add_argument("--id", default="clothing1m", type=str, help="file-name prefix of the run's logs and checkpoint")

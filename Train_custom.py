@@ -119,7 +119,8 @@ def get_args_parser():
                    help="batch of loss evaluation and test, per process (default: 2 x --batch_size)")
     p.add_argument("--lr", "--learning_rate", type=float, dest="lr",
                    help=f"initial learning rate (default: {recipe_text('lr')})")
-    p.add_argument("--lr_decay_epoch", type=int, help=f"lr / 10 from this epoch (default: {recipe_text('lr_decay_epoch')})")
+    p.add_argument("--lr_decay_epoch", type=int,
+                   help=f"lr / 10 from this epoch (default: {recipe_text('lr_decay_epoch')})")
     p.add_argument("--weight_decay", type=float, help=f"SGD's weight decay (default: {recipe_text('weight_decay')})")
     p.add_argument("--alpha", type=float, help=f"MixMatch's Beta(alpha, alpha) (default: {recipe_text('alpha')})")
     p.add_argument("--lambda_u", type=float,
@@ -127,7 +128,7 @@ def get_args_parser():
     p.add_argument("--unlabeled_loss", action=argparse.BooleanOptionalAction, default=None,
                    help="train on all mixed rows with lambda_u * Lu (CIFAR) instead of the labeled rows only "
                         f"(Clothing1M) (default: {recipe_text('unlabeled_loss')})")
-    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean-probability threshold tau")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", type=int,
                    help=f"last epoch, epochs 0..num_epochs are run (default: {recipe_text('num_epochs')})")

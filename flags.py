@@ -19,8 +19,8 @@ def add_engine_arguments(parser):
                         help="global: one two-component GMM over every sample's loss; classwise: a GMM per observed "
                              "class (RSL; see docs/successors.md)")
     parser.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                        help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the "
-                             "CPU has no SyncBatchNorm)")
+                        help="under torchrun: BatchNorm statistics of the global batch; the CPU has no "
+                             "SyncBatchNorm (default: on with CUDA, off on the CPU)")
 
 
 # A help text that states its own default ends with this: flags whose default is None say what None means, flags
