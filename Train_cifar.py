@@ -23,10 +23,12 @@ from distributed import (broadcast_from_main, check_sync_bn, init_distributed, i
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, evaluate, gmm_summary,
                        knn_scores, ood_removal, set_learning_rate)
 from epochs import end_epoch
-from flags import TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
+from flags import (TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument, check_flags,
+                   defining_args)
 import noise
 from PreResNet import ResNet18
-from presets import CIFARN_MODES, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix, setting_preset
+from presets import (CIFARN_MODES, CIFARN_PRESET, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix,
+                     setting_preset)
 from run_folder import RunDir, run_config
 
 LR_DECAY_EPOCH = 150
@@ -47,28 +49,39 @@ FLAG_RANGES = {**TRAIN_FLAGS, **noise.NOISE_FLAGS, "eval_batch_size": Range(1),
 def get_args_parser():
     """Command-line arguments: the original code's flags and defaults, plus the new ones."""
     p = FlagParser(description="DivideMix on CIFAR-10/100", add_help=True)
-    p.add_argument("--batch_size", default=64, type=int, help="train batch size")
-    p.add_argument("--lr", "--learning_rate", default=0.02, type=float, dest="lr", help="initial learning rate")
-    p.add_argument("--alpha", default=4, type=float, help="parameter for Beta")
-    p.add_argument("--lambda_u", default=None, type=float, help="weight for unsupervised loss (default: preset)")
-    p.add_argument("--p_threshold", default=None, type=float, help="clean probability threshold (default: preset)")
+    p.add_argument("--batch_size", default=64, type=int,
+                   help="labeled and unlabeled batch size (warm-up uses twice this); the global batch under torchrun")
+    p.add_argument("--lr", "--learning_rate", default=0.02, type=float, dest="lr",
+                   help=f"initial learning rate, divided by 10 from epoch {LR_DECAY_EPOCH}")
+    p.add_argument("--alpha", default=4, type=float, help="MixMatch's Beta(alpha, alpha)")
+    p.add_argument("--lambda_u", default=None, type=float,
+                   help="weight of the unlabeled loss (default: the paper's value for its own settings, "
+                        f"{CIFARN_PRESET['lambda_u']} for CIFAR-N, else the original code's "
+                        f"{ORIGINAL_DEFAULTS['lambda_u']})")
+    p.add_argument("--p_threshold", default=None, type=float,
+                   help="clean-probability threshold tau (default: the paper's value for its own settings, "
+                        f"{CIFARN_PRESET['p_threshold']} for CIFAR-N, else the original code's "
+                        f"{ORIGINAL_DEFAULTS['p_threshold']})")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=300, type=int, help="last epoch (epochs 0..num_epochs are run)")
-    p.add_argument("--id", default="")
+    p.add_argument("--id", default="", help="kept from the original for scripts that pass it; unused")
     noise.add_noise_arguments(p)  # --dataset, --data_path, --r, --noise_mode, --seed, noise files
-    p.add_argument("--gpuid", default=0, type=int)
-    p.add_argument("--num_class", default=None, type=int, help="default: 10 or 100 from --dataset")
-    p.add_argument("--warm_up", default=None, type=int, help="warm-up epochs (default: 10 cifar10, 30 cifar100)")
+    p.add_argument("--gpuid", default=0, type=int, help="CUDA device when CUDA is available (ignored under torchrun)")
+    p.add_argument("--num_class", default=None, type=int,
+                   help="classes of the nets' output, at least the data set's (default: 10 or 100 from --dataset)")
+    p.add_argument("--warm_up", default=None, type=int,
+                   help=f"warm-up epochs (default: {WARM_UP['cifar10']} for cifar10, {WARM_UP['cifar100']} for "
+                        "cifar100)")
     p.add_argument("--loss_window", "--loss_average", default=None, type=int, dest="loss_window",
-                   help="loss vectors averaged for the GMM, RSL's mean loss over K epochs (default: 5 at r = 0.9, "
-                        "else 1)")
+                   help="normalised loss vectors averaged as the GMM input, RSL's mean loss over K epochs (default: "
+                        "5 at r = 0.9, else 1)")
     p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs and checkpoint go here")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
+    add_resume_argument(p)
     p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
-    p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
+    p.add_argument("--eval_batch_size", default=1024, type=int,
+                   help="batch size of loss evaluation and test (no effect on results)")
     p.add_argument("--compile", action="store_true", help="torch.compile both nets (slow first epochs)")
     p.add_argument("--net_width", default=64, type=int,
                    help="channels of the PreAct ResNet-18's first stage, doubled at each stage (64: the paper's "

@@ -25,8 +25,8 @@ from distributed import (check_sync_bn, init_distributed, is_main_process, local
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, evaluate, gmm_summary,
                        set_learning_rate)
 from epochs import BestWeights, end_epoch
-from flags import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags,
-                   defining_args)
+from flags import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments,
+                   add_resume_argument, check_flags, defining_args)
 from imagelist import add_loader_arguments
 from run_folder import RunDir, run_config
 
@@ -49,23 +49,25 @@ FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a divi
 def get_args_parser():
     """The original code's flags and defaults, plus the new ones."""
     p = FlagParser(description="DivideMix on Clothing1M")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--lr", "--learning_rate", default=0.002, type=float, dest="lr")
-    p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
-    p.add_argument("--lambda_u", default=0, type=float, help="weight for unsupervised loss (unused: labeled rows only)")
-    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+    p.add_argument("--batch_size", default=32, type=int,
+                   help="labeled and unlabeled batch size (warm-up uses twice this); the global batch under torchrun")
+    p.add_argument("--lr", "--learning_rate", default=0.002, type=float, dest="lr",
+                   help=f"initial learning rate, divided by 10 from epoch {LR_DECAY_EPOCH}")
+    p.add_argument("--alpha", default=0.5, type=float, help="MixMatch's Beta(alpha, alpha)")
+    p.add_argument("--lambda_u", default=0, type=float, help="weight of the unlabeled loss (unused: labeled rows only)")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean-probability threshold tau")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=80, type=int, help="last epoch (epochs 0..num_epochs are run)")
-    p.add_argument("--id", default="clothing1m", type=str)
-    p.add_argument("--data_path", default="../../Clothing1M/data", type=str)
-    p.add_argument("--seed", default=123, type=int)
-    p.add_argument("--gpuid", default=0, type=int)
-    p.add_argument("--num_class", default=14, type=int)
+    p.add_argument("--id", default="clothing1m", type=str, help="file-name prefix of the run's logs and checkpoint")
+    p.add_argument("--data_path", default="../../Clothing1M/data", type=str,
+                   help="the Clothing1M folder: its five list files and image folders (see docs/real_world.md)")
+    p.add_argument("--seed", default=123, type=int, help="one integer seeds Python, numpy and torch")
+    p.add_argument("--gpuid", default=0, type=int, help="CUDA device when CUDA is available (ignored under torchrun)")
+    p.add_argument("--num_class", default=14, type=int, help="classes of the nets' output (Clothing1M has 14)")
     p.add_argument("--num_batches", default=1000, type=int, help="batches per epoch (sets the size of each draw)")
     p.add_argument("--warm_up", default=1, type=int, help="warm-up epochs")
-    p.add_argument("--output_dir", default="./checkpoint", type=str)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
+    p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs, weights and checkpoint go here")
+    add_resume_argument(p)
     p.add_argument("--pretrained", default="imagenet",
                    help="'imagenet' (torchvision's IMAGENET1K_V1 weights), a state-dict file, or 'none'")
     p.add_argument("--image_size", default=224, type=int, help="crop size (resize = size * 256 / 224); paper: 224")

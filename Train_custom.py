@@ -31,7 +31,8 @@ from distributed import (check_sync_bn, init_distributed, is_main_process, local
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, division_stats, evaluate,
                        gmm_summary, predict, set_learning_rate)
 from epochs import BestWeights, end_epoch
-from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
+from flags import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
+                   check_flags, defining_args, value_text)
 from imagelist import add_loader_arguments
 from PreResNet import PreActBlock, PreActResNet
 from run_folder import RunDir, run_config
@@ -78,52 +79,69 @@ REVIEW_COLUMNS = ("path", "given_label", "given_index", "clean_prob", "clean_pro
                   "predicted_label", "predicted_index", "predicted_prob", "unreadable")
 
 
+def recipe_text(name):
+    """A recipe-made default as --help shows it: `32 fine-tuning, 64 from scratch` (fine-tuning: a pretrained net;
+    from scratch: --pretrained none)."""
+    shown = {kind: f"{v:g}" if isinstance(v, float) else value_text(v)
+             for kind, v in ((kind, recipe[name]) for kind, recipe in RECIPES.items())}
+    return f"{shown['finetune']} fine-tuning, {shown['scratch']} from scratch"
+
+
 def get_args_parser():
     """The flags; those left at None take the layout's, the net's or the recipe's default (see resolve_settings)."""
     p = FlagParser(description="DivideMix on your own noisy data set")
     p.add_argument("--data_path", default="./data", help="the data set's folder (see --layout)")
     p.add_argument("--layout", default="auto", choices=dataloader_custom.LAYOUTS,
                    help="auto: list when --train_list is given, else imagefolder (train/<class>/, test/<class>/)")
-    p.add_argument("--train_list", help="list layout: `relative/path label` lines, paths relative to --data_path")
-    p.add_argument("--test_list", help="list layout: the test images")
-    p.add_argument("--val_list", help="list layout: optional validation images (best weights kept per net)")
-    p.add_argument("--classes", help="list layout: class names, one a line (line i names label i); default: the "
-                                     "labels of the training list")
+    p.add_argument("--train_list", help="list layout: `relative/path label` lines, paths relative to --data_path "
+                                        "(default: none; giving it makes --layout auto a list layout)")
+    p.add_argument("--test_list", help="list layout: the test images (default: none; needed by the list layout)")
+    p.add_argument("--val_list", help="list layout: validation images, best weights kept per net (default: none, "
+                                      "no validation)")
+    p.add_argument("--classes", help="list layout: class names, one a line, line i names label i (default: the "
+                                     "labels of the training list)")
     p.add_argument("--food101_path", help="food101n layout: the food-101/ folder (default: beside Food-101N_release)")
-    p.add_argument("--arch", choices=ARCHS, help="default: preact_resnet18 for animal10n, else resnet50")
+    p.add_argument("--arch", choices=ARCHS, help="the net (default: preact_resnet18 for animal10n, else resnet50)")
     p.add_argument("--pretrained", help="'imagenet' (torchvision's IMAGENET1K_V1), a state-dict file, or 'none' "
                                         "(default: imagenet for the ResNets, none for preact_resnet18)")
     p.add_argument("--image_size", type=int, help="training and test size (default: 64 for animal10n, else 224 for "
                                                   "the ResNets and 32 for preact_resnet18)")
     p.add_argument("--augment", choices=dataloader_custom.AUGMENTS,
                    help="crop: random crop of the zero-padded image + flip; resized_crop: random-resized crop + "
-                        f"flip (default: crop up to {dataloader_custom.SMALL_IMAGE} px)")
+                        f"flip (default: crop up to {dataloader_custom.SMALL_IMAGE} px, else resized_crop)")
     p.add_argument("--cache_limit_gb", default=4.0, type=float,
                    help="decode the images once into a uint8 tensor on the training device when they take at most "
                         "this much (crop augmentation only; 0: always stream from the files)")
-    p.add_argument("--batch_size", type=int, help="default: 32 fine-tuning, 64 from scratch")
-    p.add_argument("--eval_batch_size", type=int, help="batch of loss evaluation and test (default: 2 x batch)")
-    p.add_argument("--lr", "--learning_rate", type=float, dest="lr", help="default: 0.002 fine-tuning, 0.02 scratch")
-    p.add_argument("--lr_decay_epoch", type=int, help="lr / 10 from this epoch (default: half of the default epochs)")
-    p.add_argument("--weight_decay", type=float, help="default: 1e-3 fine-tuning, 5e-4 from scratch")
-    p.add_argument("--alpha", type=float, help="parameter for Beta (default: 0.5 fine-tuning, 4 from scratch)")
-    p.add_argument("--lambda_u", type=float, help="weight for unsupervised loss (default: 0, 25 from scratch)")
+    p.add_argument("--batch_size", type=int,
+                   help="labeled and unlabeled batch size; the global batch under torchrun (default: "
+                        f"{recipe_text('batch_size')})")
+    p.add_argument("--eval_batch_size", type=int,
+                   help="batch of loss evaluation and test, per process (default: 2 x --batch_size)")
+    p.add_argument("--lr", "--learning_rate", type=float, dest="lr",
+                   help=f"initial learning rate (default: {recipe_text('lr')})")
+    p.add_argument("--lr_decay_epoch", type=int,
+                   help=f"lr / 10 from this epoch (default: {recipe_text('lr_decay_epoch')})")
+    p.add_argument("--weight_decay", type=float, help=f"SGD's weight decay (default: {recipe_text('weight_decay')})")
+    p.add_argument("--alpha", type=float, help=f"MixMatch's Beta(alpha, alpha) (default: {recipe_text('alpha')})")
+    p.add_argument("--lambda_u", type=float,
+                   help=f"weight of the unlabeled loss (default: {recipe_text('lambda_u')}; animal10n: 0)")
     p.add_argument("--unlabeled_loss", action=argparse.BooleanOptionalAction, default=None,
                    help="train on all mixed rows with lambda_u * Lu (CIFAR) instead of the labeled rows only "
-                        "(Clothing1M); default: on from scratch")
-    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+                        f"(Clothing1M) (default: {recipe_text('unlabeled_loss')})")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean-probability threshold tau")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
-    p.add_argument("--num_epochs", type=int, help="last epoch, epochs 0..num_epochs are run (default: 80 "
-                                                  "fine-tuning, 300 from scratch)")
-    p.add_argument("--warm_up", type=int, help="warm-up epochs (default: 1 fine-tuning, 10 from scratch)")
+    p.add_argument("--num_epochs", type=int,
+                   help=f"last epoch, epochs 0..num_epochs are run (default: {recipe_text('num_epochs')})")
+    p.add_argument("--warm_up", type=int, help=f"warm-up epochs (default: {recipe_text('warm_up')})")
     p.add_argument("--warmup_penalty", action=argparse.BooleanOptionalAction, default=True,
                    help="the confidence penalty in warm-up (real label noise is asymmetric)")
-    p.add_argument("--id", help="file-name prefix of the run (default: the layout's name, custom for your own)")
-    p.add_argument("--seed", default=123, type=int)
-    p.add_argument("--gpuid", default=0, type=int)
-    p.add_argument("--output_dir", default="./checkpoint", type=str)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
+    p.add_argument("--id", help="file-name prefix of the run (default: the layout's name, animal10n or food101n; "
+                                "custom for imagefolder and list)")
+    p.add_argument("--seed", default=123, type=int, help="one integer seeds Python, numpy and torch")
+    p.add_argument("--gpuid", default=0, type=int, help="CUDA device when CUDA is available (ignored under torchrun)")
+    p.add_argument("--output_dir", default="./checkpoint", type=str,
+                   help="logs, weights, checkpoint and label review go here")
+    add_resume_argument(p)
     add_loader_arguments(p)  # --num_workers, --max_bad_images
     add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn
     return p

@@ -15,13 +15,14 @@ import torch.optim as optim
 
 from checkpointing import run_state
 from cli import run_main
-from dataloader_webvision import WebVision
+from dataloader_webvision import TRAIN_CROPS, WebVision
 from distributed import (check_sync_bn, init_distributed, is_main_process, local_batch_size, make_shard, seed_process,
                          sync_buffers, world_size, wrap_ddp)
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, evaluate, gmm_summary,
                        set_learning_rate)
 from epochs import end_epoch
-from flags import NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, check_flags, defining_args
+from flags import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
+                   check_flags, defining_args)
 from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
 from run_folder import RunDir, run_config
@@ -45,24 +46,26 @@ FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a divi
 def get_args_parser():
     """The original code's flags and defaults, plus the new ones."""
     p = FlagParser(description="DivideMix on WebVision")
-    p.add_argument("--batch_size", default=32, type=int)
-    p.add_argument("--lr", "--learning_rate", default=0.01, type=float, dest="lr")
-    p.add_argument("--alpha", default=0.5, type=float, help="parameter for Beta")
-    p.add_argument("--lambda_u", default=0, type=float, help="weight for unsupervised loss (unused: labeled rows only)")
-    p.add_argument("--p_threshold", default=0.5, type=float, help="clean probability threshold")
+    p.add_argument("--batch_size", default=32, type=int,
+                   help="labeled and unlabeled batch size (warm-up uses twice this); the global batch under torchrun")
+    p.add_argument("--lr", "--learning_rate", default=0.01, type=float, dest="lr",
+                   help=f"initial learning rate, divided by 10 from epoch {LR_DECAY_EPOCH}")
+    p.add_argument("--alpha", default=0.5, type=float, help="MixMatch's Beta(alpha, alpha)")
+    p.add_argument("--lambda_u", default=0, type=float, help="weight of the unlabeled loss (unused: labeled rows only)")
+    p.add_argument("--p_threshold", default=0.5, type=float, help="clean-probability threshold tau")
     p.add_argument("--T", default=0.5, type=float, help="sharpening temperature")
     p.add_argument("--num_epochs", default=80, type=int, help="last epoch (epochs 0..num_epochs are run)")
-    p.add_argument("--id", default="webvision", type=str)
-    p.add_argument("--seed", default=123, type=int)
-    p.add_argument("--gpuid", default=0, type=int)
-    p.add_argument("--num_class", default=50, type=int)
-    p.add_argument("--data_path", default="./dataset/", type=str)
+    p.add_argument("--id", default="webvision", type=str, help="file-name prefix of the run's logs and checkpoint")
+    p.add_argument("--seed", default=123, type=int, help="one integer seeds Python, numpy and torch")
+    p.add_argument("--gpuid", default=0, type=int, help="CUDA device when CUDA is available (ignored under torchrun)")
+    p.add_argument("--num_class", default=50, type=int, help="the first N classes of WebVision's Google subset")
+    p.add_argument("--data_path", default="./dataset/", type=str,
+                   help="the WebVision folder: info/, google/, val_images_256/, imagenet/ (see docs/real_world.md)")
     p.add_argument("--warm_up", default=1, type=int, help="warm-up epochs")
-    p.add_argument("--output_dir", default="./checkpoint", type=str)
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue from the checkpoint in --output_dir, or from the given checkpoint file")
-    p.add_argument("--train_crop", default="random_resized", help="random_resized (current original code) or center "
-                                                                  "(behind the published numbers)")
+    p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs and checkpoint go here")
+    add_resume_argument(p)
+    p.add_argument("--train_crop", default="random_resized", choices=TRAIN_CROPS,
+                   help="random_resized (the original code now) or center (behind the published numbers)")
     p.add_argument("--image_size", default=299, type=int, help="crop size (resize = size * 320 / 299); paper: 299")
     add_loader_arguments(p)  # --num_workers, --max_bad_images
     add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn

@@ -154,20 +154,23 @@ def run_phases(name, loaders, precision, args, device, clean_mask, shard=None):
 def get_args_parser():
     """Benchmark arguments."""
     p = FlagParser(description="Time DivideMix phases: this project vs a straightforward baseline")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--num_train", default=None, type=int, help="training images (default: 50000 cuda, 512 cpu)")
-    p.add_argument("--num_test", default=None, type=int, help="test images (default: 10000 cuda, 256 cpu)")
-    p.add_argument("--batch_size", default=64, type=int)
-    p.add_argument("--eval_batch_size", default=1024, type=int)
-    p.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int, help="baseline DataLoader workers")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where both implementations run (default: cuda when available, else cpu)")
+    p.add_argument("--num_train", default=None, type=int, help="training images (default: 50000 on cuda, 512 on cpu)")
+    p.add_argument("--num_test", default=None, type=int, help="test images (default: 10000 on cuda, 256 on cpu)")
+    p.add_argument("--batch_size", default=64, type=int, help="labeled and unlabeled batch size, as Train_cifar.py")
+    p.add_argument("--eval_batch_size", default=1024, type=int, help="batch size of loss evaluation and test")
+    p.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
+                   help="baseline DataLoader workers (default: the CPU count, at most 4)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast on the fast path (default: as the training scripts, on with CUDA, off on "
-                        "the CPU, where CPUs without native bf16 run it about 10x slower than fp32)")
-    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True, help="(fast path)")
+                   help="bf16 autocast on the fast path; CPUs without native bf16 run it about 10x slower than fp32 "
+                        "(default: on with CUDA, off on the CPU, as the training scripts)")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last memory layout on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's nets")
     p.add_argument("--epochs", default=2, type=int, help="train epochs per net, to see memory growth")
-    p.add_argument("--skip_baseline", action="store_true")
-    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--skip_baseline", action="store_true", help="time this project's path only")
+    p.add_argument("--seed", default=0, type=int, help="seeds the synthetic data and both implementations")
     return p
 
 

@@ -2,6 +2,7 @@
 checks, and the argument groups the training scripts share."""
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 
@@ -13,21 +14,84 @@ def add_engine_arguments(parser):
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast for the forwards (default: on with CUDA, off on the CPU)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels_last memory layout for nets and batches")
+                        help="channels_last memory layout for nets and batches (no effect on results)")
     parser.add_argument("--division", default="global", choices=("global", "classwise"),
-                        help="classwise: a GMM per observed class (RSL; see docs/successors.md)")
+                        help="global: one two-component GMM over every sample's loss; classwise: a GMM per observed "
+                             "class (RSL; see docs/successors.md)")
     parser.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
-                        help="under torchrun: BatchNorm statistics of the global batch (default: on with CUDA; the "
-                             "CPU has no SyncBatchNorm)")
+                        help="under torchrun: BatchNorm statistics of the global batch; the CPU has no "
+                             "SyncBatchNorm (default: on with CUDA, off on the CPU)")
+
+
+# A help text that states its own default ends with this: flags whose default is None say what None means, flags
+# whose default depends on the machine say how it is chosen.
+STATED_DEFAULT = re.compile(r" \(default: (.+)\)$")
+# What argparse's BooleanOptionalAction appends to a help text by itself (Python 3.9 to 3.13).
+BOOLEAN_SUFFIX = " (default: %(default)s)"
+
+
+def help_text(action):
+    """The help text as written, without the default that BooleanOptionalAction may have appended."""
+    text = action.help or ""
+    return text[:-len(BOOLEAN_SUFFIX)] if text.endswith(BOOLEAN_SUFFIX) else text
+
+
+def value_text(value):
+    """A default as --help and docs/flags.md show it: on / off for switches, lists joined by spaces."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return '""' if value == "" else str(value)
+
+
+def shown_default(action):
+    """The default --help shows for an action: the one its help text states, else its value (None: None)."""
+    stated = STATED_DEFAULT.search(help_text(action))
+    if stated:
+        return stated.group(1)
+    return None if action.default is None else value_text(action.default)
+
+
+class FlagHelpFormatter(argparse.HelpFormatter):
+    """--help lists every flag with its default: appended as `(default: X)` unless the help text states it."""
+
+    def _get_help_string(self, action):
+        """The action's help with its default (argparse's hook for ArgumentDefaultsHelpFormatter)."""
+        text = help_text(action)
+        if not action.option_strings or action.default is argparse.SUPPRESS or STATED_DEFAULT.search(text):
+            return text
+        return f"{text} (default: {value_text(action.default).replace('%', '%%')})"
+
+
+def add_resume_argument(parser):
+    """--resume, as every training script takes it."""
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="continue from the checkpoint in --output_dir, or from the given checkpoint file "
+                             "(default: off: a fresh start, refused where --output_dir holds a checkpoint of the run)")
 
 
 class FlagParser(argparse.ArgumentParser):
-    """argparse with the project's error style: one `error: ...` line and exit code 2, no usage block."""
+    """argparse with the project's error style: one `error: ...` line and exit code 2, no usage block; --help
+    shows every flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        """An ArgumentParser whose help shows the defaults."""
+        kwargs.setdefault("formatter_class", FlagHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         """Print the problem on one line and exit 2 (argparse's own error prints the usage first)."""
         print(f"error: {message}: run with --help for every flag and its default", file=sys.stderr, flush=True)
         sys.exit(2)
+
+    def _check_value(self, action, value):
+        """A value outside a flag's choices, in the project's words: `unknown --flag 'value': use one of ...`."""
+        # argparse's own hook for choices; its message lists the choices as reprs, after 'argument --flag:'.
+        if action.choices is not None and value not in action.choices:
+            name = action.option_strings[0] if action.option_strings else action.dest
+            choices = ", ".join(map(str, action.choices))
+            raise argparse.ArgumentError(None, f"unknown {name} {value!r}: use one of {choices}")
 
 
 @dataclass(frozen=True)

@@ -295,7 +295,9 @@ def quiet_worker_threads(worker_id):
 
 def add_loader_arguments(parser):
     """The image-list scripts' loader flags: worker processes and how many unreadable images a run may skip."""
-    parser.add_argument("--num_workers", default=default_num_workers(), type=int, help="image-loading processes")
+    parser.add_argument("--num_workers", default=default_num_workers(), type=int,
+                        help="image-loading processes (default: the CPU count, shared out among the processes torchrun "
+                             "starts on the machine, at most 8)")
     parser.add_argument("--max_bad_images", default=100, type=int,
                         help="unreadable images skipped (with a warning) in a run before it stops; 0: stop at the "
                              "first")

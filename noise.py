@@ -389,30 +389,35 @@ def load_or_create_replacement(path, n, ood_ratio, source_size, seed, source):
 
 def add_noise_arguments(parser):
     """The flags that choose a run's noisy labels and open-set images (the noise command's and Train_cifar.py's)."""
-    parser.add_argument("--dataset", default="cifar10", type=str, help="cifar10 or cifar100")
+    parser.add_argument("--dataset", default="cifar10", choices=tuple(NUM_CLASSES), help="the CIFAR data set")
     parser.add_argument("--data_path", default="./cifar-10", type=str, help="folder holding the CIFAR python files")
     # torchrun's own parser takes --r for an abbreviation of its options: under torchrun write --noise_ratio
     parser.add_argument("--r", "--noise_ratio", default=None, type=float, dest="r",
-                        help="noise ratio (default 0.5; not with the CIFAR-N modes)")
-    parser.add_argument("--noise_mode", default="sym",
-                        help="sym, asym, idn, or CIFAR-N's aggre, worst, rand1, rand2, rand3 (cifar10), noisy100 "
-                             "(cifar100)")
-    parser.add_argument("--seed", default=123, type=int)
+                        help="noise ratio in [0, 1]; refused with the CIFAR-N modes, whose file fixes the noise "
+                             "(default: 0.5, none with the CIFAR-N modes)")
+    parser.add_argument("--noise_mode", default="sym", choices=NOISE_MODES,
+                        help="sym, asym, idn (instance-dependent), or CIFAR-N's human labels: aggre, worst, rand1, "
+                             "rand2, rand3 (cifar10), noisy100 (cifar100)")
+    parser.add_argument("--seed", default=123, type=int,
+                        help="one integer seeds the noise draw (and, in training, Python, numpy and torch)")
     parser.add_argument("--legacy_string_seed", action="store_true",
                         help="sym/asym noise as the original drew it for an explicit --seed (seeded with its text)")
     parser.add_argument("--noise_file", default=None, type=str,
-                        help="noisy labels to use or create (default: <data_path>/<r>_<noise_mode>.json, r with one "
-                             "decimal as in the original's name when that is exact, else every digit; no seed in it)")
+                        help="noisy labels to use or create; r in its name with one decimal as in the original's name "
+                             "when that is exact, else every digit; no seed in it (default: "
+                             "<data_path>/<r>_<noise_mode>.json, with _ood<O> before .json for open-set noise)")
     parser.add_argument("--cifarn_file", default=None, type=str,
-                        help="the CIFAR-N release's file (default: CIFAR-10_human.pt / CIFAR-100_human.pt in "
+                        help="the CIFAR-N release's file (default: CIFAR-10_human.pt or CIFAR-100_human.pt in "
                              "--data_path)")
     parser.add_argument("--ood_ratio", default=0.0, type=float,
-                        help="open-set noise: the fraction of training images replaced by --ood_path's images")
+                        help="open-set noise: the fraction of training images replaced by --ood_path's images, in "
+                             "[0, 1) (0: none)")
     parser.add_argument("--ood_path", default=None, type=str,
-                        help="open-set images: the other CIFAR's python files (a folder) or an .npz with `images`")
+                        help="open-set images: the other CIFAR's python files (a folder) or an .npz with `images` "
+                             "(default: none; needed with --ood_ratio)")
     parser.add_argument("--ood_file", default=None, type=str,
-                        help="which images are replaced, to use or create (default: beside the noise file, "
-                             "<noise file>_replaced.json)")
+                        help="which images are replaced, to use or create (default: <noise file>_replaced.json beside "
+                             "the noise file; CIFAR-N: <data_path>/<noise_mode>_ood<O>_replaced.json)")
 
 
 def resolve_noise_args(args):
@@ -482,7 +487,7 @@ def get_args_parser():
     """Arguments of the noise-file command."""
     parser = FlagParser(description="Write a CIFAR noise file (and open-set replacement file) without training.")
     add_noise_arguments(parser)
-    parser.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if absent")
+    parser.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
     return parser
 
 

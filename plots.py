@@ -11,7 +11,6 @@ Written into --out_dir:
                                        (open-set runs: also the replaced images it labeled)
 Figures are drawn with matplotlib's object interface on the Agg canvas: no display, no global pyplot state.
 """
-import argparse
 import glob
 import os
 import re
@@ -22,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cli import run_main
+from flags import FlagParser
 from published import PAPER_CLOTHING1M_TEST, PAPER_WEBVISION, SOURCES, cifar_published
 from rundirs import cell_name, find_runs, fmt_num, group_runs
 
@@ -298,9 +298,9 @@ def make_plots(runs, out_dir, epochs=None):
 
 def get_args_parser():
     """Command-line arguments of the plots."""
-    p = argparse.ArgumentParser(description="Plots of DivideMix runs", add_help=True)
+    p = FlagParser(description="Plots of DivideMix runs")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding run directories")
-    p.add_argument("--out_dir", default="plots", help="PNG files go here (default: plots)")
+    p.add_argument("--out_dir", default="plots", help="PNG files go here")
     p.add_argument("--epochs", type=int, nargs="*", default=None,
                    help=f"epochs of the loss histograms (default: up to {MAX_SNAPSHOTS} saved snapshots per run)")
     return p

@@ -10,7 +10,6 @@ per family: the paper's Table 1 (sym, CIFAR-10 asym), CIFAR-N human labels, CIFA
 and the other settings (nothing published); the footnotes cite every published number's source. Clothing1M and
 WebVision runs (written by Train_clothing1M.py and Train_webvision.py) get tables of their own.
 """
-import argparse
 import csv
 import io
 import math
@@ -19,6 +18,7 @@ import statistics
 import sys
 
 from cli import run_main
+from flags import FlagParser
 from published import (CIFAR_TABLES, PAPER_CLOTHING1M_TEST, PAPER_WEBVISION, SOURCES, Published, cifar_published,
                        cifar_table)
 from rundirs import KIND_ORDER, find_runs, fmt_num, group_runs
@@ -296,11 +296,12 @@ def render_csv(rows):
 
 def get_args_parser():
     """Command-line arguments of the report."""
-    p = argparse.ArgumentParser(description="Tabulate DivideMix runs against the paper's numbers", add_help=True)
+    p = FlagParser(description="Tabulate DivideMix runs against the paper's numbers")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding run directories")
-    p.add_argument("--out_md", default="report.md", help="Markdown table written here (default: report.md)")
-    p.add_argument("--out_csv", default="report.csv", help="CSV written here (default: report.csv)")
-    p.add_argument("--plots", default=None, metavar="DIR", help="also draw the plots of plots.py into DIR")
+    p.add_argument("--out_md", default="report.md", help="Markdown table written here")
+    p.add_argument("--out_csv", default="report.csv", help="CSV written here")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="also draw the plots of plots.py into DIR (default: none, no plots)")
     p.add_argument("--plot_epochs", type=int, nargs="*", default=None,
                    help="epochs of the loss-histogram plots (default: up to 5 saved snapshots)")
     return p

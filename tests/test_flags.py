@@ -310,6 +310,32 @@ def test_unparsable_number_is_one_line(capsys):
     assert len(err) == 1 and err[0].startswith("error: argument --lr/--learning_rate: invalid float value: 'fast'")
 
 
+@pytest.mark.parametrize("parser,argv,message", [
+    (Train_webvision.get_args_parser, ["--train_crop", "centre"],
+     "unknown --train_crop 'centre': use one of random_resized, center"),
+    (Train_cifar.get_args_parser, ["--dataset", "svhn"], "unknown --dataset 'svhn': use one of cifar10, cifar100"),
+    (noise.get_args_parser, ["--noise_mode", "pairflip"], "unknown --noise_mode 'pairflip': use one of sym, asym"),
+    (Train_cifar.get_args_parser, ["--mix", "embedding"], "unknown --mix 'embedding'"),
+    (Train_custom.get_args_parser, ["--arch", "resnet101"], "unknown --arch 'resnet101'"),
+    (bench.get_args_parser, ["--device", "gpu"], "unknown --device 'gpu': use one of cpu, cuda"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_value_outside_a_fixed_set_is_refused_at_parse_time(capsys, parser, argv, message):
+    """Refused by the parser, before any data is read: one line, exit code 2."""
+    with pytest.raises(SystemExit) as info:
+        parser().parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+
+
+@pytest.mark.parametrize("script", ["report.py", "plots.py"])
+def test_torch_free_scripts_report_a_bad_flag_on_one_line(tmp_path, script):
+    proc = _run(script, str(tmp_path), "--bogus")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unrecognized arguments: --bogus"), proc.stderr
+
+
 def test_numpy_seed_range_is_the_check():
     """The range is numpy's: its ends seed, one beyond does not."""
     for seed in (SEED.low, SEED.high):

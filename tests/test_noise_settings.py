@@ -133,11 +133,20 @@ def test_cifarn_file_is_not_unpickled_freely(tmp_path):
     (["--ood_path", "x"], "--ood_path without --ood_ratio"),
     (["--ood_ratio", "1", "--ood_path", "x"], "would replace every training image"),
     (["--r", "0.9", "--ood_ratio", "0.2", "--ood_path", "x"], r"more noisy labels than images left"),
-    (["--noise_mode", "nonsense"], "unknown --noise_mode"),
 ])
 def test_flags_that_do_not_go_together(argv, message):
     with pytest.raises(UserError, match=message):
         args_of(*argv)
+
+
+def test_unknown_noise_mode_is_refused_by_the_parser(capsys):
+    """An unknown mode stops at parse time, one line; validate_setting still refuses it for callers without one."""
+    with pytest.raises(SystemExit) as info:
+        args_of("--noise_mode", "nonsense")
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: unknown --noise_mode 'nonsense': use one of sym, asym, idn")
+    with pytest.raises(UserError, match="unknown --noise_mode 'nonsense'"):
+        validate_setting("cifar10", 0.5, "nonsense")
 
 
 def test_cifarn_modes_have_no_r_and_others_default_to_half():
