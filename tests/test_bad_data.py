@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cli import UserError, run_main
-import dataloader_cifar as dc
+import cifar_files
 from dataloader_clothing1M import Clothing1M
 from dataloader_webvision import WebVision
 from fake_cifar import write_fake_cifar
@@ -129,9 +129,9 @@ def test_cifar_pixels_below_zero_and_labels_within_a_larger_num_class(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10", n_train=20, n_test=10)
     rewrite_batch(tmp_path / "data_batch_4", "labels", lambda e: e["labels"].__setitem__(0, 11))
     # --num_class 12 on a data set of one's own in this layout: labels up to 11 are fine, 12 is not
-    assert dc.read_cifar(str(tmp_path), "cifar10", 12)[1].max() == 11
+    assert cifar_files.read_cifar(str(tmp_path), "cifar10", 12)[1].max() == 11
     with pytest.raises(UserError, match="data_batch_4 has labels outside 0..9"):
-        dc.read_cifar(str(tmp_path), "cifar10")
+        cifar_files.read_cifar(str(tmp_path), "cifar10")
     rewrite_batch(tmp_path / "data_batch_4", "labels", lambda e: e["labels"].__setitem__(0, 1))
 
     def set_pixel(value):
@@ -143,10 +143,10 @@ def test_cifar_pixels_below_zero_and_labels_within_a_larger_num_class(tmp_path):
 
     rewrite_batch(tmp_path / "data_batch_5", "labels", set_pixel(-1))
     with pytest.raises(UserError, match=r"data_batch_5 has pixel values outside 0..255 \(e.g. -1\)"):
-        dc.read_cifar(str(tmp_path), "cifar10")
+        cifar_files.read_cifar(str(tmp_path), "cifar10")
     # in-range values of a wider integer type are read as they are
     rewrite_batch(tmp_path / "data_batch_5", "labels", set_pixel(255))
-    images = dc.read_cifar(str(tmp_path), "cifar10")[0]
+    images = cifar_files.read_cifar(str(tmp_path), "cifar10")[0]
     assert images.dtype == np.uint8 and images[16, 0, 0, 0] == 255
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import cifar_files
 import dataloader_cifar as dc
 import device_batches
 from fake_cifar import write_fake_cifar
@@ -12,14 +13,14 @@ from cli import UserError
 
 def test_read_fake_cifar10(tmp_path):
     labels = write_fake_cifar(str(tmp_path), "cifar10", n_train=50, n_test=20)
-    train_x, train_y, test_x, test_y = dc.read_cifar(str(tmp_path), "cifar10")
+    train_x, train_y, test_x, test_y = cifar_files.read_cifar(str(tmp_path), "cifar10")
     assert train_x.shape == (50, 3, 32, 32) and train_x.dtype == np.uint8
     assert train_y.tolist() == labels and test_x.shape == (20, 3, 32, 32) and len(test_y) == 20
 
 
 def test_read_fake_cifar100_uses_fine_labels(tmp_path):
     labels = write_fake_cifar(str(tmp_path), "cifar100", n_train=200, n_test=100)
-    _, train_y, _, _ = dc.read_cifar(str(tmp_path), "cifar100")
+    _, train_y, _, _ = cifar_files.read_cifar(str(tmp_path), "cifar100")
     assert train_y.tolist() == labels and train_y.max() == 99
 
 
@@ -27,13 +28,36 @@ def test_channel_major_layout(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10", n_train=5, n_test=5)
     import pickle
     raw = pickle.load(open(tmp_path / "data_batch_1", "rb"), encoding="latin1")["data"][0]
-    train_x, *_ = dc.read_cifar(str(tmp_path), "cifar10")
+    train_x, *_ = cifar_files.read_cifar(str(tmp_path), "cifar10")
     assert np.array_equal(train_x[0, 1].ravel(), raw[1024:2048])  # rows 1024..2047 are the green plane
 
 
 def test_missing_files_message(tmp_path):
     with pytest.raises(UserError, match="lacks data_batch_1.*--download"):
-        dc.ensure_data(str(tmp_path), "cifar10", allow_download=False)
+        cifar_files.ensure_data(str(tmp_path), "cifar10", allow_download=False)
+
+
+def test_missing_files_message_names_the_archive_the_files_and_the_folder_one_down(tmp_path):
+    """One line: the archive the files come from and the files, or the nested folder the user meant."""
+    with pytest.raises(UserError) as info:
+        cifar_files.ensure_data(str(tmp_path), "cifar100", allow_download=False)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path} lacks train, test (the python version of cifar100, from "
+                              "cifar-100-python.tar.gz): point --data_path at the folder holding train, test")
+    assert message.endswith("or pass --download (docs/errors.md, Missing or bad data)") and "\n" not in message
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="unpack cifar-100-python.tar.gz there .* pass --data_path "
+                                        f"{tmp_path}/cifar-100-python"):
+        cifar_files.ensure_data(str(tmp_path), "cifar100", allow_download=False)
+    # pointed at the folder above the unpacked archive
+    write_fake_cifar(str(tmp_path / "cifar-10-batches-py"), "cifar10", n_train=5, n_test=5)
+    with pytest.raises(UserError) as info:
+        cifar_files.ensure_data(str(tmp_path), "cifar10", allow_download=False)
+    assert str(info.value) == (f"{tmp_path} lacks data_batch_1, data_batch_2, data_batch_3, data_batch_4, "
+                               "data_batch_5, test_batch (the python version of cifar10, from cifar-10-python.tar.gz)"
+                               f": its files are one folder down: pass --data_path {tmp_path}/cifar-10-batches-py "
+                               "(docs/errors.md, Missing or bad data)")
+    cifar_files.ensure_data(str(tmp_path / "cifar-10-batches-py"), "cifar10", allow_download=False)
 
 
 def test_truncated_file_message(tmp_path):
@@ -41,7 +65,7 @@ def test_truncated_file_message(tmp_path):
     path = tmp_path / "data_batch_3"
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(UserError, match="data_batch_3 is truncated or corrupt"):
-        dc.read_cifar(str(tmp_path), "cifar10")
+        cifar_files.read_cifar(str(tmp_path), "cifar10")
 
 
 def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
@@ -52,7 +76,7 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(UserError, match="could not download cifar10"):
-        dc.ensure_data(str(tmp_path), "cifar10", allow_download=True)
+        cifar_files.ensure_data(str(tmp_path), "cifar10", allow_download=True)
 
 
 def test_crop_flip_shape_and_content():
