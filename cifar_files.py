@@ -63,7 +63,7 @@ def missing_data_message(data_path, dataset, missing):
     if not missing_files(nested, dataset):  # the folder above the unpacked one
         fix = f"its files are one folder down: pass --data_path {nested}"
     elif os.path.isfile(os.path.join(data_path, ARCHIVE[dataset])):
-        fix = (f"unpack {ARCHIVE[dataset]} there (tar -xzf) and pass --data_path {nested}, or pass --download")
+        fix = f"unpack {ARCHIVE[dataset]} there (tar -xzf) and pass --data_path {nested}, or pass --download"
     else:
         fix = f"point --data_path at the folder holding {files} (the archive's {UNPACKED[dataset]}/) or pass --download"
     return f"{lacks}: {fix}{DATA_DOC}"
