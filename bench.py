@@ -28,8 +28,8 @@ from cli import UserError, run_main
 import dataloader_cifar
 from distributed import (init_distributed, is_main_process, local_batch_size, make_shard, on_main, select_device,
                          world_size, wrap_ddp)
-from dividemix import (DivideMixConfig, Precision, eval_train, evaluate, gmm_division, normalise_losses, train_epoch,
-                       warmup_epoch)
+from dividemix import (DivideMixConfig, Precision, cpu_native_bf16, eval_train, evaluate, gmm_division,
+                       normalise_losses, train_epoch, warmup_epoch)
 from flags import AT_LEAST_ONE, NON_NEGATIVE, SEED, FlagParser, Range, check_flags
 from PreResNet import ResNet18
 
@@ -163,8 +163,8 @@ def get_args_parser():
     p.add_argument("--num_workers", default=min(4, os.cpu_count() or 1), type=int,
                    help="baseline DataLoader workers (default: the CPU count, at most 4)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast on the fast path; CPUs without native bf16 run it about 10x slower than fp32 "
-                        "(default: on with CUDA, off on the CPU, as the training scripts)")
+                   help="bf16 autocast on the fast path (default: as the training scripts, on with CUDA and on "
+                        "CPUs with native bf16; off on other CPUs, which run it about 10x slower than fp32)")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last memory layout on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's nets")
@@ -220,6 +220,8 @@ def phase_rates(times, iters, arrays):
 def describe(args, arrays, device):
     """The report's common fields."""
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            # the CPU's vector instructions torch runs on, and whether bf16 is native there (the --amp default)
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
             "torch": torch.__version__, "num_train": len(arrays[0]), "num_test": len(arrays[3]),
             "batch_size": args.batch_size, "amp": args.amp, "channels_last": args.channels_last,
             "compile": args.compile, "epochs": args.epochs}

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cli import UserError
+from cli import UserError, see_doc
 from distributed import gather_objects, get_rank, seed_everything, world_size
 
 # errno values of a write that failed for want of space or permission on the output's file system.
@@ -162,7 +162,7 @@ def load_checkpoint(path, mmap=False):
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as exc:
         raise UserError(f"cannot read checkpoint {path} ({type(exc).__name__}): point --resume at a checkpoint "
-                        "file written by this project") from exc
+                        f"file written by this project{see_doc('Resume')}") from exc
 
 
 def _cpu_copy(obj):
@@ -224,7 +224,7 @@ def check_resume_args(saved, current, keys):
     for key in keys:
         if key in saved and saved[key] != current.get(key):
             raise UserError(f"--resume checkpoint was made with --{key} {saved[key]!r}, this run has "
-                            f"{current.get(key)!r}: pass the same value or start a new --output_dir")
+                            f"{current.get(key)!r}: pass the same value or start a new --output_dir{see_doc('Resume')}")
 
 
 def labels_digest(labels):

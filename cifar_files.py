@@ -5,12 +5,18 @@ import shutil
 
 import numpy as np
 
-from cli import UserError
+from cli import UserError, see_doc
 from presets import NUM_CLASSES
+
+# Where missing and damaged data files are explained.
+DATA_DOC = see_doc("Missing or bad data")
 
 TRAIN_FILES = {"cifar10": [f"data_batch_{i}" for i in range(1, 6)], "cifar100": ["train"]}
 TEST_FILES = {"cifar10": ["test_batch"], "cifar100": ["test"]}
 LABEL_KEY = {"cifar10": "labels", "cifar100": "fine_labels"}
+# The python version's archive and the folder it unpacks to (torchvision's names too).
+ARCHIVE = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
+UNPACKED = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
 def missing_files(data_path, dataset):
@@ -46,9 +52,21 @@ def ensure_data(data_path, dataset, allow_download):
         download(data_path, dataset)
         missing = missing_files(data_path, dataset)
     if missing:
-        raise UserError(f"{data_path} lacks {', '.join(missing)} (the python version of {dataset}): point "
-                        f"--data_path at the folder holding {', '.join(TRAIN_FILES[dataset] + TEST_FILES[dataset])}"
-                        f" or pass --download")
+        raise UserError(missing_data_message(data_path, dataset, missing))
+
+
+def missing_data_message(data_path, dataset, missing):
+    """Why data_path is not a folder of dataset's python files and what to pass instead, in one line."""
+    files = ", ".join(TRAIN_FILES[dataset] + TEST_FILES[dataset])
+    lacks = f"{data_path} lacks {', '.join(missing)} (the python version of {dataset}, from {ARCHIVE[dataset]})"
+    nested = os.path.join(data_path, UNPACKED[dataset])
+    if not missing_files(nested, dataset):  # the folder above the unpacked one
+        fix = f"its files are one folder down: pass --data_path {nested}"
+    elif os.path.isfile(os.path.join(data_path, ARCHIVE[dataset])):
+        fix = f"unpack {ARCHIVE[dataset]} there (tar -xzf) and pass --data_path {nested}, or pass --download"
+    else:
+        fix = f"point --data_path at the folder holding {files} (the archive's {UNPACKED[dataset]}/) or pass --download"
+    return f"{lacks}: {fix}{DATA_DOC}"
 
 
 def read_batch(path, label_key, num_class):
@@ -62,7 +80,7 @@ def read_batch(path, label_key, num_class):
             raise ValueError(f"data {raw.shape} with {labels.shape} labels")
     except Exception as exc:
         raise UserError(f"{path} is truncated or corrupt ({type(exc).__name__}: {exc}): replace it with the "
-                        "original file (or delete it and pass --download)") from None
+                        f"original file (or delete it and pass --download){DATA_DOC}") from None
     fix = ("replace it with the original file (or delete it and pass --download); a data set of your own in this "
            "layout needs")
     if raw.dtype != np.uint8:
@@ -70,17 +88,19 @@ def read_batch(path, label_key, num_class):
         whole = raw.dtype.kind in "iu" or (raw.dtype.kind == "f" and bool(np.all(np.mod(raw, 1) == 0)))
         if not whole:
             raise UserError(f"{path} has pixel values that are not whole numbers (dtype {raw.dtype}): {fix} uint8 "
-                            "pixels 0..255")
+                            f"pixels 0..255{DATA_DOC}")
         outside = raw[(raw < 0) | (raw > 255)]
         if outside.size:
-            raise UserError(f"{path} has pixel values outside 0..255 (e.g. {outside[0]}): {fix} uint8 pixels 0..255")
+            raise UserError(f"{path} has pixel values outside 0..255 (e.g. {outside[0]}): {fix} uint8 pixels 0..255"
+                            f"{DATA_DOC}")
         raw = raw.astype(np.uint8)
     if labels.dtype.kind not in "iu" and labels.size:  # an empty list reads as float64: no label is wrong
-        raise UserError(f"{path} has labels that are not integers (dtype {labels.dtype}): {fix} integer labels")
+        raise UserError(f"{path} has labels that are not integers (dtype {labels.dtype}): {fix} integer "
+                        f"labels{DATA_DOC}")
     outside = labels[(labels < 0) | (labels >= num_class)]
     if outside.size:
         raise UserError(f"{path} has labels outside 0..{num_class - 1} (e.g. {outside[0]}): {fix} labels 0..C-1 "
-                        "and --num_class C")
+                        f"and --num_class C{DATA_DOC}")
     return raw.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 

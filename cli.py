@@ -5,6 +5,17 @@ import signal
 import sys
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Where the fixes of the one-line errors are explained: the file and its sections.
+ERRORS_DOC = "docs/errors.md"
+ERRORS_DOC_SECTIONS = ("Missing or bad data", "Noise files", "Resume", "Disk full and interrupted runs",
+                       "Several processes", "SLURM")
+
+
+def see_doc(section):
+    """' (docs/errors.md, <section>)': what an error line adds to name the section that explains its fix."""
+    if section not in ERRORS_DOC_SECTIONS:
+        raise ValueError(f"{ERRORS_DOC} has no section {section!r}")
+    return f" ({ERRORS_DOC}, {section})"
 
 
 class UserError(Exception):

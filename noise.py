@@ -11,9 +11,12 @@ import numpy as np
 import torch
 
 from cifar_files import LABEL_KEY, TRAIN_FILES, ensure_data, read_batch, read_cifar
-from cli import UserError
+from cli import UserError, see_doc
 from flags import SEED, FlagParser, Range, check_flags, check_value
 from presets import CIFARN_MODES, NUM_CLASSES, SYNTHETIC_MODES, noise_file_name, ratio_text
+
+# Where the noise files' errors are explained.
+NOISE_DOC = see_doc("Noise files")
 
 ASYM_TRANSITION = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}  # truck->automobile, bird->airplane, deer->horse, cat<->dog
 # CIFAR-100 asym as the successors define it: 20 blocks of 5 consecutive fine-label indices (not the semantic
@@ -126,7 +129,7 @@ def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, trans
             i = int(off[0])
             raise UserError(f"noise file {path} changes label {i} from class {clean[i]} to {labels[i]}, which the "
                             f"asymmetric map (class {clean[i]} -> {table[clean[i]]}) never does, so it is no "
-                            f"asym noise file of this data set: {fix}")
+                            f"asym noise file of this data set: {fix}{NOISE_DOC}")
     n = len(clean)
     mean, sd = expected_changes(clean, r, noise_mode, num_class, transition)
     tolerance = NOISE_SIGMAS * sd + NOISE_SLACK
@@ -138,7 +141,7 @@ def check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, trans
     guess = f" (it looks made with --r {count / (n * rate):.2f})" if n and rate > 0 and count <= n * rate else ""
     raise UserError(f"noise file {path} does not fit --r {r} --noise_mode {noise_mode}: {count / n:.4f} of its labels "
                     f"differ from the clean ones where {mean / n:.4f} +- {tolerance / n:.4f} are expected{guess}: "
-                    f"{fix}")
+                    f"{fix}{NOISE_DOC}")
 
 
 def draw_noise(clean_labels, r, noise_mode, num_class, seed, transition=ASYM_TRANSITION, images=None):
@@ -160,20 +163,21 @@ def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, tra
             with open(path) as f:
                 labels = json.load(f)
         except (OSError, ValueError) as exc:
-            raise UserError(f"noise file {path} is not a JSON list ({exc}): delete it to regenerate") from None
+            raise UserError(f"noise file {path} is not a JSON list ({exc}): delete it to regenerate"
+                            f"{NOISE_DOC}") from None
         if not isinstance(labels, list) or len(labels) != n:
             size = len(labels) if isinstance(labels, list) else type(labels).__name__
             raise UserError(f"noise file {path} has {size} labels but the training set has {n}: delete it to "
-                            "regenerate, or use the --data_path it was made for")
+                            f"regenerate, or use the --data_path it was made for{NOISE_DOC}")
         # JSON true/false load as bool, a subclass of int: they are no labels either.
         odd = [y for y in labels if isinstance(y, bool) or not isinstance(y, int)]
         if odd:
             raise UserError(f"noise file {path} holds non-integer values (e.g. {json.dumps(odd[0])}), not class "
-                            "labels: delete it to regenerate, or give a JSON list of integer labels")
+                            f"labels: delete it to regenerate, or give a JSON list of integer labels{NOISE_DOC}")
         bad = [y for y in labels if not 0 <= y < num_class]
         if bad:
             raise UserError(f"noise file {path} has labels outside 0..{num_class - 1} (e.g. {bad[0]!r}): it was "
-                            "made for another dataset; delete it to regenerate")
+                            f"made for another dataset; delete it to regenerate{NOISE_DOC}")
         if keep is None:
             check_noise_fits(path, labels, clean_labels, r, noise_mode, num_class, transition)
             return labels, False
@@ -182,7 +186,7 @@ def load_or_create_noise(path, clean_labels, r, noise_mode, num_class, seed, tra
         if moved.size:
             raise UserError(f"noise file {path} changes the label of image {moved[0]}, which the open-set "
                             "replacement replaces (those keep their clean label): it was made without this "
-                            "replacement; delete it to regenerate, or pass the --ood_file it was made with")
+                            f"replacement; delete it to regenerate, or pass the --ood_file it was made with{NOISE_DOC}")
         check_noise_fits(path, arr[keep], clean[keep], r, noise_mode, num_class, transition)
         return labels, False
     if keep is None:
@@ -271,7 +275,7 @@ def read_cifarn(path, noise_mode, clean_labels, num_class):
     name = CIFARN_FILES[dataset]
     if not os.path.isfile(path):
         raise UserError(f"CIFAR-N file {path} not found: put {name} from the CIFAR-N release "
-                        "(github.com/UCSC-REAL/cifar-10-100n, data/) in --data_path, or pass --cifarn_file")
+                        f"(github.com/UCSC-REAL/cifar-10-100n, data/) in --data_path, or pass --cifarn_file{NOISE_DOC}")
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             content = torch.load(path, weights_only=True, map_location="cpu")
@@ -297,7 +301,8 @@ def read_cifarn(path, noise_mode, clean_labels, num_class):
         i = int(differ[0])
         raise UserError(f"{path}: clean_label differs from the training labels read from --data_path at "
                         f"{differ.size} images (first at {i}: {arrays['clean_label'][i]} vs {clean[i]}), so it "
-                        f"belongs to another data set or order: use {name} with the python version of {dataset}")
+                        f"belongs to another data set or order: use {name} with the python version of {dataset}"
+                        f"{NOISE_DOC}")
     labels = arrays[key]
     outside = labels[(labels < 0) | (labels >= num_class)]
     if outside.size:
@@ -353,7 +358,7 @@ def load_or_create_replacement(path, n, ood_ratio, source_size, seed, source):
     """Read the replacement file if it exists (validated), else choose the replacement and write it.
 
     Returns (replaced, source_index, created): int64 index arrays into the training set and the source."""
-    fix = "delete it to choose again, or pass the --ood_ratio and --ood_path it was made with"
+    fix = "delete it to choose again, or pass the --ood_ratio and --ood_path it was made with" + NOISE_DOC
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -363,7 +368,7 @@ def load_or_create_replacement(path, n, ood_ratio, source_size, seed, source):
             saved_ratio, saved_size = float(content["ood_ratio"]), int(content["source_size"])
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise UserError(f"replacement file {path} is not one this code writes ({type(exc).__name__}: {exc}): "
-                            "delete it to choose again") from None
+                            f"delete it to choose again{NOISE_DOC}") from None
         if saved_ratio != ood_ratio:
             raise UserError(f"replacement file {path} was made for --ood_ratio {saved_ratio:g}, not {ood_ratio:g}: "
                             f"{fix}")

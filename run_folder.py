@@ -13,9 +13,12 @@ import torch
 
 from checkpointing import (WRITE_ERRNOS, CheckpointWriter, atomic_json, atomic_write, check_resume_args, labels_digest,
                            link_or_copy, load_checkpoint, restore_rng, verify_checkpoint)
-from cli import STOP_SIGNALS, Interrupted, UserError
+from cli import STOP_SIGNALS, Interrupted, UserError, see_doc
 from distributed import on_main, restart_count, world_size
 from rundirs import restartable
+
+# Where the refusals of --resume and of a fresh start over a run are explained.
+RESUME_DOC = see_doc("Resume")
 
 
 def _sha256_prefix(path, size):
@@ -108,6 +111,27 @@ def _count_logged_epochs(path):
     return count
 
 
+def launcher():
+    """How this process was started, as a command line begins: torchrun (which sets TORCHELASTIC_RUN_ID and the
+    ranks' variables) or this very interpreter, so a copied command runs where this one ran."""
+    if any(name in os.environ for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")):
+        return "torchrun [its options as before]"
+    return shlex.quote(sys.executable or "python")
+
+
+def _missing_folders(folder):
+    """The folders os.makedirs(folder) would create, deepest first."""
+    missing = []
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
 class RunDir:
     """One run's output folder: an exclusive lock, the logs, the config, the checkpoint and the one before it.
 
@@ -136,6 +160,8 @@ class RunDir:
         self.rotate = False  # whether the current checkpoint may become the previous one on the next save
         self.fork = None  # (folder, checkpoint file) when continuing another folder's checkpoint here
         self.own_checkpoint = False  # whether this process wrote (or copied) the folder's current checkpoint
+        self.created_folders, self.created_lock = [], False  # what entering made: removed again on a refusal
+        self.wrote = False  # whether the run has written its config or logs (a refusal after that keeps them)
 
     def path(self, suffix):
         """A file of this run: <folder>/<prefix><suffix>."""
@@ -147,25 +173,56 @@ class RunDir:
         """Check that the folder is usable, take the lock, remove this run's stale temporary files (rank 0 only)."""
         if not self.main:
             return self
+        # What this start creates, so that a refusal before the run writes anything takes it away again.
+        self.created_folders = _missing_folders(self.folder)
         try:
             os.makedirs(self.folder, exist_ok=True)
-            self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            while True:
+                self.created_lock = not os.path.exists(self.lock_path)
+                self.lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:  # released by the OS when the process dies, so a killed run never blocks the next start
+                    fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip() or "?"
+                    os.close(self.lock_fd)
+                    self.lock_fd = None
+                    self.created_lock = False  # the holder's file now, whoever created it
+                    raise UserError(f"another process (pid {holder}) is running {self.prefix} in {self.folder}: "
+                                    f"wait for it to end or choose another --output_dir{see_doc('Several processes')}"
+                                    ) from None
+                # A refused start removes the lock file it created: a lock taken on a removed file holds nothing.
+                if os.path.exists(self.lock_path) and os.path.samestat(os.stat(self.lock_path),
+                                                                       os.fstat(self.lock_fd)):
+                    break
+                os.close(self.lock_fd)
+                self.lock_fd = None
         except OSError as exc:
+            self._remove_created()
             raise UserError(f"--output_dir {self.folder} is not usable ({exc.strerror or exc}): choose a folder "
                             "you can write to") from None
-        try:  # released by the OS when the process dies, so a killed run never blocks the next start
-            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.lock_fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.lock_fd)
-            self.lock_fd = None
-            raise UserError(f"another process (pid {holder}) is running {self.prefix} in {self.folder}: wait for it "
-                            "to end or choose another --output_dir") from None
+        except UserError:
+            self._remove_created()
+            raise
         os.ftruncate(self.lock_fd, 0)
         os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
         self._remove_stale_temps()
         self.writer = CheckpointWriter(on_error=self._writer_failed)
         return self
+
+    def _remove_created(self):
+        """Take away the lock file and the folders this start created (the folders only while empty)."""
+        if self.created_lock:
+            try:
+                os.remove(self.lock_path)
+            except OSError:
+                pass
+            self.created_lock = False
+        for folder in self.created_folders:  # deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        self.created_folders = []
 
     def _remove_stale_temps(self):
         """Delete temporary files a killed process of this run left (the lock guarantees none is in use)."""
@@ -208,6 +265,8 @@ class RunDir:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             if self.lock_fd is not None:
+                if isinstance(exc, UserError) and not self.wrote:
+                    self._remove_created()  # a refused start leaves nothing behind (removed while still locked)
                 os.close(self.lock_fd)
                 self.lock_fd = None
         if write_error is None and isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
@@ -215,8 +274,9 @@ class RunDir:
         if write_error is not None:
             where = getattr(write_error, "filename", None) or self.ckpt_path
             reason = getattr(write_error, "strerror", None) or str(write_error)
-            raise UserError(f"cannot write {where} ({reason}): {self.kept()}; make room or fix the folder, then "
-                            f"continue with: {self.resume_command()}") from None
+            raise UserError(f"cannot write {where} ({reason}): {self.kept()}; make room or fix the folder"
+                            f"{see_doc('Disk full and interrupted runs')}, then continue with: "
+                            f"{self.resume_command()}") from None
         if isinstance(exc, Interrupted):
             exc.note = f"{self.kept()}; continue with: {self.resume_command()}"
         elif isinstance(exc, KeyboardInterrupt):
@@ -245,8 +305,7 @@ class RunDir:
                 argv.append(arg)
         if not any(a == "--resume" or a.startswith("--resume=") for a in argv):
             argv.append("--resume")
-        launcher = "torchrun [its options as before] " if "WORLD_SIZE" in os.environ else "python "
-        return launcher + shlex.join(argv)
+        return launcher() + " " + shlex.join(argv)
 
     # ---- deciding how to start -----------------------------------------------------------------------------
 
@@ -283,7 +342,7 @@ class RunDir:
         if not resume_arg:
             if has_checkpoint:
                 raise UserError(f"{self.folder} already holds a {self.prefix} run: pass --resume to continue it, or "
-                                "choose another --output_dir (nothing was overwritten)")
+                                f"choose another --output_dir (nothing was overwritten){RESUME_DOC}")
             self._allow_restart()
             return None
         path = self.ckpt_path if resume_arg == "auto" else resume_arg
@@ -296,7 +355,8 @@ class RunDir:
         if resume_arg == "auto" and not os.path.exists(path):
             path = self.prev_path
         if not os.path.isfile(path):
-            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file")
+            raise UserError(f"--resume: no checkpoint at {path}: run without --resume to start, or name the file"
+                            f"{RESUME_DOC}")
         checkpoint = self._load_verified(path)
         self.opened = path
         check_resume_args(checkpoint["args"], defining, defining.keys())
@@ -317,7 +377,7 @@ class RunDir:
         logged = _count_logged_epochs(self.logs.paths["json"])
         if not restartable(logged):
             raise UserError(f"{self.folder} holds logs of {logged} epochs of a {self.prefix} run but no checkpoint: "
-                            "move them away or choose another --output_dir (nothing was overwritten)")
+                            f"move them away or choose another --output_dir (nothing was overwritten){RESUME_DOC}")
         print(f"{self.folder} holds a {self.prefix} run stopped before its first checkpoint ({logged} epoch(s) "
               "logged): starting it again", flush=True)
 
@@ -330,9 +390,10 @@ class RunDir:
             if other and os.path.exists(other) and verify_checkpoint(other) is None:
                 epoch = load_checkpoint(other, mmap=True).get("epoch")
                 raise UserError(f"checkpoint {path} is damaged ({problem}); nothing was changed: the other "
-                                f"checkpoint {other} (epoch {epoch}) is intact, continue from it with --resume {other}")
+                                f"checkpoint {other} (epoch {epoch}) is intact, continue from it with --resume {other}"
+                                f"{RESUME_DOC}")
             raise UserError(f"checkpoint {path} is damaged ({problem}) and no intact checkpoint of this run is "
-                            "left: start again in a new --output_dir")
+                            f"left: start again in a new --output_dir{RESUME_DOC}")
         return load_checkpoint(path)
 
     def _described_logs(self, checkpoint):
@@ -356,7 +417,8 @@ class RunDir:
             else:
                 continue
             raise UserError(f"--resume: log {path} {problem}{purpose}: a checkpoint (epoch {epoch}) continues only "
-                            "with its own logs; put them back or start a new --output_dir (nothing was changed)")
+                            "with its own logs; put them back or start a new --output_dir (nothing was changed)"
+                            f"{RESUME_DOC}")
 
     def _refuse_going_back(self, path, epoch):
         """Refuse resuming an older checkpoint where this folder's own intact checkpoint is newer (it would cut)."""
@@ -368,13 +430,13 @@ class RunDir:
         if newest is not None and newest > epoch:
             raise UserError(f"--resume {path} (epoch {epoch}) would cut the run in {self.folder}, whose checkpoint is "
                             f"at epoch {newest}: continue that one (plain --resume), or this one in a new "
-                            "--output_dir (nothing was changed)")
+                            f"--output_dir (nothing was changed){RESUME_DOC}")
 
     def _check_fork(self, path, checkpoint, described):
         """A checkpoint from another folder continues here only into an empty run, with its logs copied over."""
         if self.logs.existing() or os.path.exists(self.ckpt_path) or os.path.exists(self.prev_path):
             raise UserError(f"--resume {path}: {self.folder} already holds a {self.prefix} run of its own; continue a "
-                            "checkpoint of another folder in a new --output_dir (nothing was changed)")
+                            f"checkpoint of another folder in a new --output_dir (nothing was changed){RESUME_DOC}")
         source = os.path.dirname(os.path.abspath(path))
         self._check_logs(described, source, checkpoint["epoch"], " (its logs up to the checkpoint are copied here)")
         self.fork = (source, path)
@@ -386,7 +448,7 @@ class RunDir:
         if saved is not None and saved != digest:
             raise UserError(f"--resume: the training labels from {source} differ from those the checkpoint was "
                             "trained on: pass the noise file / data the run was made with, or start a new "
-                            "--output_dir")
+                            f"--output_dir{RESUME_DOC}")
 
     # ---- starting, continuing, saving ----------------------------------------------------------------------
 
@@ -394,6 +456,7 @@ class RunDir:
         """Fresh start: write the run's config and open its logs."""
         if not self.main:
             return
+        self.wrote = True
         atomic_json(config, self.config_path)
         self.logs.start()
 
@@ -406,6 +469,7 @@ class RunDir:
             restore_rng(checkpoint, checkpoint["args"]["seed"])
             return checkpoint["epoch"] + 1
         described = self._described_logs(checkpoint)
+        self.wrote = True
         if self.fork is not None:
             # the new folder becomes a whole run at the checkpoint's epoch: its logs, its config and other files,
             # and the checkpoint itself (a hard link: checkpoints are only ever replaced, never changed in place)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cli import STOP_SIGNALS, UserError
+from cli import STOP_SIGNALS, UserError, see_doc
 from flags import SEED, FlagParser
 from presets import (CIFARN_MODES, ORIGINAL_DEFAULTS, PAPER_PRESETS, SYNTHETIC_MODES, ratio_text, run_prefix,
                      setting_preset)
@@ -53,9 +53,10 @@ Options:
   --gpus_per_task G     (--slurm) GPUs per task (default 1; 0 for CPU-only nodes)
   --warn_seconds N      (--slurm) how long before the time limit the warning comes (default 300)
   --sbatch_args "..."   (--slurm) further sbatch options, e.g. "--account=A --qos=Q"
-Everything after -- goes to every Train_cifar.py call. $PYTHON picks the interpreter (default: python3);
-$TRAIN_SCRIPT replaces Train_cifar.py as the script run (the tests use a fake one; presets still come from
-Train_cifar.py).
+Everything after -- goes to every Train_cifar.py call (checked against its flags before any run starts; seeds
+are --seeds). The runs' interpreter: $PYTHON, else the repository's .venv/bin/python, else python3; it must
+import torch. $TRAIN_SCRIPT replaces Train_cifar.py as the script run (the tests use a fake one; presets still
+come from Train_cifar.py).
 
 Run directory: ROOT/<dataset>_<mode>_<r>_seed<S> (CIFAR-N: ROOT/<dataset>_<mode>_seed<S>; open-set cells add
 _ood<O> before _seed), holding the run's logs, checkpoint, its own noise file noise_<r>_<mode>.json (with
@@ -77,6 +78,8 @@ SWITCHES = ("--slurm", "--dry-run", "--dry_run")
 # The sweep owns these flags: a pass-through copy would silently contradict the run directory's name.
 SWEEP_FLAGS = ("--dataset", "--r", "--noise_ratio", "--noise_mode", "--seed", "--data_path", "--output_dir",
                "--noise_file", "--gpuid", "--resume", "--ood_ratio")
+SEED_HINT = ("--seed is the sweep's --seeds, one run folder per seed: give --seeds S ... before the cells "
+             "(e.g. --seeds 1 2 3), not --seed")
 PRESET_SOURCES = {"paper": "paper preset", "cifarn": "CIFAR-N preset (noisypy reproduction)",
                   None: "original-code default, no paper preset"}
 CELL_FORM = ("is not dataset:mode:r or dataset:mode (CIFAR-N), optionally followed by :ood<ratio>, e.g. "
@@ -131,8 +134,64 @@ def absolute(path):
 
 
 def python():
-    """The interpreter of the training runs and of the sweep itself ($PYTHON, default python3)."""
-    return os.environ.get("PYTHON") or "python3"
+    """The interpreter of the training runs: $PYTHON, else the repository's .venv/bin/python, else python3."""
+    if os.environ.get("PYTHON"):
+        return os.environ["PYTHON"]
+    venv = os.path.join(REPO, ".venv", "bin", "python")
+    return venv if os.access(venv, os.X_OK) else "python3"
+
+
+# Run by python() before planning: it imports torch, then reads the arguments after -- with Train_cifar.py's own
+# parser and range checks. Out: exit 0, or 3 and the reason torch cannot be imported, 4 and the parser's
+# complaint, 5 and a value out of its range. Abbreviated flags are refused: the sweep recognises the flags it owns
+# by their full names.
+TRAIN_ARGS_CHECK = """\
+import sys
+try:
+    import torch
+except BaseException as exc:
+    print(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    sys.exit(3)
+sys.path.insert(0, sys.argv[1])
+import Train_cifar
+from cli import UserError
+parser = Train_cifar.get_args_parser()
+parser.allow_abbrev = False
+
+def refuse(message):
+    print(message)
+    sys.exit(4)
+
+parser.error = refuse
+try:
+    Train_cifar.check_flags(parser.parse_args(sys.argv[2:]), Train_cifar.FLAG_RANGES)
+except UserError as exc:
+    print(exc)
+    sys.exit(5)
+"""
+VENV_FIX = ("install the requirements into .venv (python3 -m venv .venv && .venv/bin/pip install -r "
+            "requirements.txt) or set PYTHON=/path/to/python")
+
+
+def check_interpreter(train_args):
+    """UserError unless python() imports torch and Train_cifar.py's parser takes train_args (one subprocess)."""
+    py = python()
+    shown = shutil.which(py) or py
+    try:
+        proc = subprocess.run([py, "-c", TRAIN_ARGS_CHECK, REPO, *train_args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as err:
+        raise UserError(f"Python interpreter {py!r} cannot be run ({err.strerror}): {VENV_FIX}") from None
+    reason = (proc.stdout.strip() or proc.stderr.strip() or f"exit status {proc.returncode}").splitlines()[-1]
+    if proc.returncode == 3:
+        raise UserError(f"{shown} cannot import torch ({reason}): {VENV_FIX}")
+    if proc.returncode == 4:
+        raise UserError(f"the arguments after -- do not fit Train_cifar.py: {reason} (write its flags in full, as "
+                        f"`{shown} {REPO}/Train_cifar.py --help` lists them)")
+    if proc.returncode == 5:
+        raise UserError(f"the arguments after -- do not fit Train_cifar.py: {reason}")
+    if proc.returncode != 0:
+        raise UserError(f"{shown} cannot check the arguments after -- with Train_cifar.py ({reason}): {VENV_FIX}")
 
 
 def train_script():
@@ -212,6 +271,8 @@ def argparse_form(argv):
             return tokens + ["--help"], []  # the help is printed where it is met, before any later error
         elif word == "--":
             return tokens + ["--"] + cells, argv[i:]
+        elif word == "--seed" or word.startswith("--seed="):
+            raise UserError(SEED_HINT)
         elif word.startswith("-"):
             raise UserError(f"unknown option {word} (Train_cifar.py options go after --)")
         else:
@@ -240,6 +301,8 @@ def check_options(args):
                         "script")
     for a in args.train_args:
         name = a.split("=", 1)[0]
+        if name == "--seed":
+            raise UserError(SEED_HINT)
         if name in SWEEP_FLAGS:
             raise UserError(f"{name} is set by the sweep per run; leave it out of the arguments after --")
         if name == "--ood_path":
@@ -670,6 +733,17 @@ def sbatch_options(text):
     return [w for w in re.split("[ \t]", text.split("\n", 1)[0]) if w]
 
 
+def sbatch_refusal(script, stderr, returncode):
+    """The one line saying why sbatch refused the job script: sbatch's own reason, and the fix of a GPU request
+    the cluster cannot meet."""
+    lines = [re.sub(r"^sbatch: error: ", "", line.strip()) for line in stderr.splitlines() if line.strip()]
+    reason = "; ".join(lines) or f"exit status {returncode}, no reason given"
+    fix = ""
+    if re.search(r"gres|generic resource|gpu", reason, re.I):
+        fix = ": for nodes without GPUs pass --gpus_per_task 0 (and a CPU partition with --partition)"
+    return f"sbatch refused {script}: {reason}{fix}{see_doc('SLURM')}"
+
+
 def submit(args, runs):
     """Print the plan and write the job array's script and submit it (--dry-run: print it); the exit status."""
     todo = announce(runs)
@@ -694,11 +768,12 @@ def submit(args, runs):
     try:
         # sbatch options given here override the script's #SBATCH lines
         proc = subprocess.run(["sbatch", "--parsable", *sbatch_options(args.sbatch_args), script],
-                              stdout=subprocess.PIPE, text=True)
-    except OSError:
-        proc = None
-    if proc is None or proc.returncode != 0:
-        print(f"error: sbatch refused {script}", file=sys.stderr)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as err:
+        print(f"error: sbatch could not be run ({err.strerror}) for {script}{see_doc('SLURM')}", file=sys.stderr)
+        return 1
+    if proc.returncode != 0:
+        print(f"error: {sbatch_refusal(script, proc.stderr, proc.returncode)}", file=sys.stderr)
         return 1
     job = proc.stdout.rstrip("\n").split(";")[0]
     print(f"sweep: submitted job array {job} ({len(todo)} task(s)): {script}")
@@ -714,7 +789,8 @@ def main(argv):
     by SIGINT or SIGTERM."""
     try:
         args = parse_args(argv)
-        runs = plan(args)
+        runs = plan(args)  # reads run folders only: the usage errors come first, before the subprocess below
+        check_interpreter(args.train_args)  # before anything is printed, written or started
         return submit(args, runs) if args.slurm else run_here(args, runs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -4,7 +4,8 @@
 #   scripts/sweep_cifar.sh [options] [CELL ...] [-- TRAIN_CIFAR_ARGS ...]
 #
 # `scripts/sweep_cifar.sh --help` lists the cells and options. The sweep itself (arguments, plan, local workers,
-# SLURM job array) is sweep.py; this entry runs it with $PYTHON (default: python3), the interpreter of the runs.
+# SLURM job array) is sweep.py, free of torch; this entry runs it with $PYTHON (default: python3). The runs'
+# interpreter is sweep.py's choice: $PYTHON, else the repository's .venv/bin/python, else python3.
 # Exit status: 0 when every run succeeded, 1 when one failed, 2 for a usage error.
 set -uo pipefail
 

@@ -37,6 +37,29 @@ def test_missing_files_message(tmp_path):
         cifar_files.ensure_data(str(tmp_path), "cifar10", allow_download=False)
 
 
+def test_missing_files_message_names_the_archive_the_files_and_the_folder_one_down(tmp_path):
+    """One line: the archive the files come from and the files, or the nested folder the user meant."""
+    with pytest.raises(UserError) as info:
+        cifar_files.ensure_data(str(tmp_path), "cifar100", allow_download=False)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path} lacks train, test (the python version of cifar100, from "
+                              "cifar-100-python.tar.gz): point --data_path at the folder holding train, test")
+    assert message.endswith("or pass --download (docs/errors.md, Missing or bad data)") and "\n" not in message
+    (tmp_path / "cifar-100-python.tar.gz").write_bytes(b"")
+    with pytest.raises(UserError, match="unpack cifar-100-python.tar.gz there .* pass --data_path "
+                                        f"{tmp_path}/cifar-100-python"):
+        cifar_files.ensure_data(str(tmp_path), "cifar100", allow_download=False)
+    # pointed at the folder above the unpacked archive
+    write_fake_cifar(str(tmp_path / "cifar-10-batches-py"), "cifar10", n_train=5, n_test=5)
+    with pytest.raises(UserError) as info:
+        cifar_files.ensure_data(str(tmp_path), "cifar10", allow_download=False)
+    assert str(info.value) == (f"{tmp_path} lacks data_batch_1, data_batch_2, data_batch_3, data_batch_4, "
+                               "data_batch_5, test_batch (the python version of cifar10, from cifar-10-python.tar.gz)"
+                               f": its files are one folder down: pass --data_path {tmp_path}/cifar-10-batches-py "
+                               "(docs/errors.md, Missing or bad data)")
+    cifar_files.ensure_data(str(tmp_path / "cifar-10-batches-py"), "cifar10", allow_download=False)
+
+
 def test_truncated_file_message(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10", n_train=50, n_test=10)
     path = tmp_path / "data_batch_3"

@@ -5,6 +5,7 @@ was never disturbed."""
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -328,7 +329,8 @@ def test_a_signal_stops_cleanly_and_resume_continues(straight, data, tmp_path, s
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err
     assert lines[0].startswith(f"stopped by {signal.Signals(signum).name}: the checkpoint of epoch ")
-    assert "continue with: python " in lines[0] and lines[0].endswith("--resume")
+    # the command to copy names the interpreter that ran (here this test's, as command() starts it)
+    assert f"continue with: {shlex.quote(sys.executable)} " in lines[0] and lines[0].endswith("--resume")
     assert not temp_files(out)
     if signum == signal.SIGTERM:  # what follows is the same for both signals
         train(data, out, 2, "--resume")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dividemix import DivideMixConfig, Precision, train_step
+from dividemix import DivideMixConfig, Precision, cpu_native_bf16, default_amp, train_step
 from PreResNet import ResNet18
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +73,27 @@ def test_bench_runs_and_reports(tmp_path):
             entry = report[impl]["phases"][phase]
             assert entry["seconds"] > 0 and entry["images_per_s"] > 0
     assert report["speedup_vs_baseline"] > 0 and report["peak_memory_bytes"] > 0
+    # the CPU's capability is recorded, and --amp took the training scripts' default for it
+    assert report["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert report["cpu_native_bf16"] == cpu_native_bf16()
+    assert report["amp"] == default_amp(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("capabilities, native", [
+    ({"avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}, False),
+    ({"avx512_f": True, "avx512_bf16": False}, False),
+    ({"avx512_f": True, "avx512_bf16": True}, True),
+    ({"avx512_bf16": False, "amx_bf16": True}, True),
+    ({"neon": True, "bf16": True}, True),
+])
+def test_amp_default_follows_native_bf16(monkeypatch, capabilities, native):
+    """bf16 autocast is on by default with CUDA, and on a CPU only where torch reports bf16 instructions."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    assert cpu_native_bf16() is native and default_amp(torch.device("cpu")) is native
+    assert default_amp(torch.device("cuda")) is True
+
+    class Args:
+        amp, channels_last = None, True
+
+    args = Args()
+    assert Precision.from_args(args, torch.device("cpu")).amp is native and args.amp is native

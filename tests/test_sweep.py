@@ -394,7 +394,10 @@ def test_arguments_lists_end_where_their_kind_ends():
     (["--bogus", "-h"], "unknown option --bogus"),
     (["--gpus_per_task", "1.5"], "--gpus_per_task 1.5 is not allowed: give an integer >= 0"),
     (["--warn_seconds", "-3"], "--warn_seconds -3 is not allowed: give an integer >= 0"),
-    (["--", "--seed=3"], "--seed is set by the sweep per run; leave it out of the arguments after --"),
+    (["--", "--seed=3"], "--seed is the sweep's --seeds, one run folder per seed: give --seeds S ... before the "
+                         "cells (e.g. --seeds 1 2 3), not --seed"),
+    (["--seed", "3", "cifar10:sym:0.5"], "--seed is the sweep's --seeds"),
+    (["--seed=3"], "--seed is the sweep's --seeds"),
     (["--", "--ood_path", "x"], "--ood_path is a sweep option: give it before the cells, not after --"),
     (["--seeds", "4294967296"], "--seeds 4294967296 is outside 0..4294967295: give integers in that range"),
     (["--", "--num_epochs", "+3"], "--num_epochs +3 is not allowed: give an integer >= 0 (the last epoch)"),
@@ -583,3 +586,101 @@ def test_a_stop_signal_reaches_the_runs_and_waits_for_them(tmp_path):
     # both runs wrote their checkpoint before the sweep left; they had ignored SIGINT, as bash background jobs do
     assert [(d / "checkpoint").read_text() for d in dirs[:2]] == ["SIG_IGN", "SIG_IGN"]
     assert not dirs[2].exists()  # the third run never started
+
+
+# ----------------------------------------------------------------------------- the interpreter and its checks
+
+def test_interpreter_is_python_env_else_the_venv_else_python3(tmp_path, monkeypatch):
+    """$PYTHON wins; without it the repository's .venv/bin/python when there is one; else python3."""
+    monkeypatch.setattr(sweep_py, "REPO", str(tmp_path))
+    monkeypatch.setenv("PYTHON", "/opt/py/bin/python")
+    assert sweep_py.python() == "/opt/py/bin/python"
+    monkeypatch.delenv("PYTHON")
+    assert sweep_py.python() == "python3"
+    venv = tmp_path / ".venv" / "bin" / "python"
+    venv.parent.mkdir(parents=True)
+    venv.write_text("#!/bin/sh\n")
+    venv.chmod(0o755)
+    assert sweep_py.python() == str(venv)
+    monkeypatch.setenv("PYTHON", "")  # empty: as if unset
+    assert sweep_py.python() == str(venv)
+
+
+def test_the_dry_run_and_the_job_script_name_the_interpreter(tmp_path, monkeypatch):
+    """The commands printed (and run) and the job script's $PYTHON are python()."""
+    monkeypatch.setenv("PYTHON", "/opt/venv/bin/python")
+    monkeypatch.delenv("TRAIN_SCRIPT", raising=False)
+    args = sweep_py.parse_args(["--slurm", "--dry-run", "--out", str(tmp_path), "cifar10:sym:0.5"])
+    run, = sweep_py.plan(args)
+    assert sweep_py.train_argv(run, args)[:2] == ["/opt/venv/bin/python", os.path.join(REPO, "Train_cifar.py")]
+    assert "export PYTHON=/opt/venv/bin/python" in sweep_py.job_script(args, [run]).splitlines()
+
+
+def python_without_torch(tmp_path):
+    """An interpreter that cannot import torch: this Python with a torch package that fails to import first on
+    its path."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    wrapper = tmp_path / "python-without-torch"
+    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={stub.parent} exec {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_an_interpreter_without_torch_stops_the_sweep_before_planning(tmp_path, monkeypatch, capsys):
+    """One line naming the interpreter and both fixes; nothing planned or printed."""
+    monkeypatch.setenv("PYTHON", python_without_torch(tmp_path))
+    assert sweep_py.main(["--dry-run", "--out", str(tmp_path / "runs"), "cifar10:sym:0.5"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / 'python-without-torch'} cannot import torch (ModuleNotFoundError")
+    assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt" in err
+    assert "or set PYTHON=/path/to/python" in err
+    monkeypatch.setenv("PYTHON", str(tmp_path / "no-such-python"))
+    assert sweep_py.main(["--dry-run", "cifar10:sym:0.5"]) == 2
+    assert "cannot be run (No such file or directory)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train_args, message", [
+    (["--num-epochs", "5"], "unrecognized arguments: --num-epochs 5 (write its flags in full"),
+    (["--num_ep", "5"], "unrecognized arguments: --num_ep 5"),  # Train_cifar.py would take it as --num_epochs
+    (["--see", "5"], "unrecognized arguments: --see 5"),  # ... and this as --seed, behind the sweep's back
+    (["--lr", "-1"], "--lr -1.0 is not allowed: give a number > 0"),
+    (["--batch_size", "x"], "argument --batch_size: invalid int value: 'x'"),
+])
+def test_arguments_after_the_dashes_are_checked_by_train_cifar(tmp_path, monkeypatch, capsys, train_args, message):
+    """A flag Train_cifar.py would refuse stops the sweep with one line before any run starts."""
+    monkeypatch.setenv("PYTHON", sys.executable)
+    root = tmp_path / "runs"
+    assert sweep_py.main(["--out", str(root), "cifar10:sym:0.5", "--"] + train_args) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and not root.exists()
+    assert err.startswith("error: the arguments after -- do not fit Train_cifar.py: ") and message in err, err
+
+
+def fake_sbatch(bin_dir, body):
+    """An sbatch stand-in running the given shell body."""
+    bin_dir.mkdir(exist_ok=True)
+    path = bin_dir / "sbatch"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("reason, gpu_hint", [
+    ("sbatch: error: Invalid generic resource (gres) specification", True),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     False),
+])
+def test_a_refused_submission_says_why(tmp_path, monkeypatch, capsys, reason, gpu_hint):
+    """sbatch's own reason on the error line, and --gpus_per_task 0 where the GPU request is what it refused."""
+    fake_sbatch(tmp_path / "bin", f"echo '{reason}' >&2\nexit 1")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHON", sys.executable)
+    root = tmp_path / "runs"
+    assert sweep_py.main(["--slurm", "--out", str(root), "cifar10:sym:0.5"]) == 1
+    err = capsys.readouterr().err
+    script, = (root / "slurm").iterdir()
+    assert err.count("\n") == 1 and err.startswith(f"error: sbatch refused {script}: {reason[len('sbatch: error: '):]}")
+    assert ("pass --gpus_per_task 0" in err) == gpu_hint
+    assert err.rstrip().endswith("(docs/errors.md, SLURM)")

@@ -135,6 +135,19 @@ def test_missing_data(tmp_path):
     assert "lacks data_batch_1, data_batch_2" in line and "--download" in line
 
 
+def test_a_refused_start_leaves_nothing_behind(tmp_path):
+    """A fresh --output_dir (and its parents) is gone again after a refusal; an existing one keeps its contents."""
+    fresh = tmp_path / "new" / "out"
+    line = _error(run_train("--data_path", tmp_path / "nowhere", "--output_dir", fresh, check=False))
+    assert "lacks data_batch_1" in line and not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    line = _error(run_train("--data_path", tmp_path / "nowhere", "--output_dir", existing, check=False))
+    assert "lacks data_batch_1" in line and os.listdir(existing) == ["notes.txt"]
+    assert (existing / "notes.txt").read_text() == "mine"
+
+
 def test_truncated_data(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10", n_train=20, n_test=10)
     (tmp_path / "test_batch").write_bytes((tmp_path / "test_batch").read_bytes()[:100])

@@ -1,6 +1,7 @@
 """Checkpoint writing, log truncation, argument checks and the error wrapper."""
 import hashlib
 import os
+import shlex
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import torch
 
 from checkpointing import CheckpointWriter, atomic_save, check_resume_args, load_checkpoint
 from cli import UserError
-from run_folder import RunLogs
+from run_folder import RunDir, RunLogs
 
 
 def test_checkpoint_writer_snapshots_before_training_goes_on(tmp_path):
@@ -90,3 +91,44 @@ def test_run_main_still_ends_the_process_group(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "False\n", proc.stderr
+
+
+def run_dir(folder):
+    """A RunDir of a run named p in folder."""
+    return RunDir(str(folder), "p", {"json": "p_log.jsonl"})
+
+
+def test_a_refusal_before_anything_is_written_leaves_nothing_behind(tmp_path):
+    """The folders and the lock file a start created go again on a UserError; what was there before stays."""
+    fresh = tmp_path / "a" / "b"
+    with pytest.raises(UserError), run_dir(fresh):
+        assert (fresh / ".p.lock").exists()
+        raise UserError("refused")
+    assert os.listdir(tmp_path) == []
+    existing = tmp_path / "old"
+    existing.mkdir()
+    (existing / ".p.lock").write_text("1\n")  # a lock file a finished run left: not this start's to remove
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(UserError), run_dir(existing):
+        raise UserError("refused")
+    assert sorted(os.listdir(existing)) == [".p.lock", "notes.txt"]
+    # once the run has begun writing, a later error keeps its folder and files
+    with pytest.raises(UserError), run_dir(fresh) as run:
+        run.begin({"args": {}})
+        raise UserError("refused later")
+    assert sorted(os.listdir(fresh)) == [".p.lock", "p_config.json", "p_log.jsonl"]
+    # other errors are no refusal: the folder stays for what they left
+    with pytest.raises(RuntimeError), run_dir(tmp_path / "c"):
+        raise RuntimeError("crash")
+    assert os.listdir(tmp_path / "c") == [".p.lock"]
+
+
+def test_the_resume_command_names_the_interpreter_or_torchrun(tmp_path, monkeypatch):
+    """The command to copy starts as this process did: this interpreter, or torchrun under torchrun."""
+    monkeypatch.setattr(sys, "argv", ["Train_cifar.py", "--output_dir", str(tmp_path)])
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    expected = f"Train_cifar.py --output_dir {shlex.quote(str(tmp_path))} --resume"
+    assert run_dir(tmp_path).resume_command() == f"{shlex.quote(sys.executable)} {expected}"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert run_dir(tmp_path).resume_command() == f"torchrun [its options as before] {expected}"
