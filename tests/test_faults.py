@@ -180,8 +180,9 @@ def test_an_older_checkpoint_does_not_cut_a_longer_run(straight, data, tmp_path)
 
 def test_a_second_start_is_refused_while_the_first_runs(data, tmp_path):
     out = tmp_path / "run"
-    first = subprocess.Popen(command(data, out, 0), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+    # the first run lingers in its checkpoint write, so it still holds the lock when the second one starts
+    first = subprocess.Popen(command(data, out, 0, fault="slow:1:5"), cwd=ROOT, env={**ENV, "FAULT": "slow:1:5"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = out / f".{PREFIX}.lock"
     wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
     line = one_line(train(data, out, 0, code=2))
