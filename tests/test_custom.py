@@ -1,6 +1,6 @@
 """Train_custom.py: the ImageFolder, list, Animal-10N and Food-101N layouts end to end on miniature data sets,
-the class count from the data, a binary imbalanced set, the label-review CSV, resume identity (streamed and cached),
-two processes under torchrun, the settings each layout resolves, the nets, empty divisions, and the one-line
+the class count from the data, a binary imbalanced set, the label-review CSV, resume refusals (resume identity:
+test_resume.py), two processes under torchrun, the settings each layout resolves, the nets, empty divisions, and the one-line
 errors."""
 import csv
 import json
@@ -196,30 +196,6 @@ def test_two_processes_under_torchrun(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume
-
-@pytest.mark.parametrize("val,cache", [(True, "0"), (False, "4")], ids=["streamed-val", "cached"])
-def test_resume_ends_as_an_uninterrupted_run(tmp_path, val, cache):
-    data = tmp_path / "data"
-    write_image_folder(str(data), n_train=5, n_test=2, n_val=2 if val else 0)
-    common = ["--data_path", data, "--cache_limit_gb", cache, *FAST[:-2]]
-    train(*common, "--output_dir", tmp_path / "a", "--num_epochs", 2)
-    train(*common, "--output_dir", tmp_path / "b", "--num_epochs", 1)  # stopped after epoch 1
-    train(*common, "--output_dir", tmp_path / "b", "--num_epochs", 2, "--resume")
-    a, b = tmp_path / "a", tmp_path / "b"
-    # resuming cut the logs back to the checkpoint: the first part's test line is gone
-    assert (a / "custom_acc.txt").read_text() == (b / "custom_acc.txt").read_text()
-    assert json_log(a / "custom_log.jsonl") == json_log(b / "custom_log.jsonl")
-    assert (a / "custom_label_review.csv").read_text() == (b / "custom_label_review.csv").read_text()
-    ck_a = torch.load(a / "custom_checkpoint.pth.tar", weights_only=False)
-    ck_b = torch.load(b / "custom_checkpoint.pth.tar", weights_only=False)
-    for k in range(2):
-        assert all(torch.equal(v, ck_b["nets"][k][n]) for n, v in ck_a["nets"][k].items())
-        assert np.array_equal(ck_a["probs"][k], ck_b["probs"][k])
-        if val:
-            best_a = torch.load(a / f"custom_net{k + 1}.pth.tar", weights_only=True)
-            best_b = torch.load(b / f"custom_net{k + 1}.pth.tar", weights_only=True)
-            assert all(torch.equal(v, best_b[n]) for n, v in best_a.items())
-
 
 def test_resume_refuses_other_data(tmp_path, capsys):
     data = tmp_path / "data"

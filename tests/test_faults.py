@@ -5,6 +5,7 @@ was never disturbed."""
 import fcntl
 import json
 import os
+import pathlib
 import shlex
 import shutil
 import signal
@@ -20,7 +21,7 @@ from checkpointing import verify_checkpoint
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
-from runs import CIFAR_FAST as FAST, PREFIX
+from runs import CIFAR_FAST as FAST, PREFIX, assert_same_run as same_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGS = (PREFIX + "_acc.txt", PREFIX + "_stats.txt", PREFIX + "_log.jsonl")
@@ -64,17 +65,10 @@ def records(out):
 
 
 def assert_same_run(out, reference):
-    """Logs and final weights equal those of the undisturbed run; nothing temporary or NUL left behind."""
+    """The run equals the undisturbed one (runs.assert_same_run); nothing temporary or NUL left behind."""
     for name in LOGS[:2]:
-        text = open(os.path.join(out, name), "rb").read()
-        assert b"\0" not in text
-        assert text == open(os.path.join(reference, name), "rb").read(), name
-    assert records(out) == records(reference)
-    a = torch.load(os.path.join(out, CKPT), weights_only=False)
-    b = torch.load(os.path.join(reference, CKPT), weights_only=False)
-    for k in range(2):
-        for name, tensor in b["nets"][k].items():
-            assert torch.equal(a["nets"][k][name], tensor), name
+        assert b"\0" not in open(os.path.join(out, name), "rb").read(), name
+    same_run(reference, out)
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -117,19 +111,16 @@ def temp_files(out):
     return [f for f in os.listdir(out) if f.startswith("." + CKPT) and f.endswith(".tmp")]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(str(path), "cifar10", n_train=32, n_test=16)
-    return path
+@pytest.fixture
+def data(tiny_data):
+    """The session's tiny CIFAR-10."""
+    return pathlib.Path(tiny_data("cifar"))
 
 
-@pytest.fixture(scope="module")
-def straight(data, tmp_path_factory):
-    """An undisturbed run of epochs 0..2 (epoch 0 warm-up, 1 and 2 co-divide)."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    train(data, out, 2)
-    return out
+@pytest.fixture
+def straight(undisturbed):
+    """The session's undisturbed run of epochs 0..2 (epoch 0 warm-up, 1 and 2 co-divide); copy it before writing."""
+    return pathlib.Path(undisturbed("cifar")[0])
 
 
 # ---- 1. logs and checkpoint are one unit -------------------------------------------------------------------

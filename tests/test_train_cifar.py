@@ -1,4 +1,5 @@
-"""Train_cifar.py end to end as a subprocess on a few dozen fake images: outputs, resume identity, bad input."""
+"""Train_cifar.py end to end as a subprocess on a few dozen fake images: outputs, resume details, bad input (resume
+identity itself: test_resume.py)."""
 import json
 import os
 import re
@@ -7,42 +8,28 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from fake_cifar import write_fake_cifar
-from runs import CIFAR_FAST as FAST, PREFIX
+from runs import CIFAR_FAST as FAST, PREFIX, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, check=True):
     """Run Train_cifar.py with args; return the completed process."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+    return run_script("Train_cifar.py", *args, check=check)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cifar")
-    write_fake_cifar(str(path), "cifar10", n_train=64, n_test=20)
-    return str(path)
+@pytest.fixture
+def data_dir(tiny_data):
+    """The session's tiny CIFAR-10 (64 training, 20 test images)."""
+    return tiny_data("cifar")
 
 
-@pytest.fixture(scope="module")
-def straight_run(data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("straight"))
-    proc = run_train("--data_path", data_dir, "--output_dir", out, "--num_epochs", 2, *FAST)
-    return out, proc
-
-
-def _strip_times(lines):
-    records = [json.loads(line) for line in lines]
-    for rec in records:
-        rec.pop("seconds"), rec.pop("time")
-    return records
+@pytest.fixture
+def straight_run(undisturbed):
+    """The session's undisturbed run of epochs 0..2: (folder, process)."""
+    return undisturbed("cifar")
 
 
 def test_outputs_of_a_run(straight_run, data_dir):
@@ -68,27 +55,6 @@ def test_outputs_of_a_run(straight_run, data_dir):
     assert snap["loss1"].shape == (64,) and snap["clean"].dtype == bool and snap["gmm2_means"].shape == (2,)
     assert "settings: lambda_u=25.0 (paper preset), p_threshold=0.5 (paper preset)" in proc.stdout
     assert os.path.exists(os.path.join(data_dir, "0.5_sym.json"))
-
-
-def test_resume_continues_exactly(straight_run, data_dir, tmp_path):
-    out_a, _ = straight_run
-    out_b = str(tmp_path)
-    run_train("--data_path", data_dir, "--output_dir", out_b, "--num_epochs", 1, *FAST)
-    # two runs with the same seed write identical logs
-    first = open(os.path.join(out_b, PREFIX + "_acc.txt")).read()
-    assert open(os.path.join(out_a, PREFIX + "_acc.txt")).read().startswith(first)
-    proc = run_train("--data_path", data_dir, "--output_dir", out_b, "--num_epochs", 2, "--resume", *FAST)
-    assert "resumed from epoch 1" in proc.stdout
-    for name in ("_acc.txt", "_stats.txt"):
-        assert open(os.path.join(out_a, PREFIX + name)).read() == open(os.path.join(out_b, PREFIX + name)).read()
-    log_a = open(os.path.join(out_a, PREFIX + "_log.jsonl")).read().splitlines()
-    log_b = open(os.path.join(out_b, PREFIX + "_log.jsonl")).read().splitlines()
-    assert _strip_times(log_a) == _strip_times(log_b)
-    ck_a = torch.load(os.path.join(out_a, PREFIX + "_checkpoint.pth.tar"), weights_only=False)
-    ck_b = torch.load(os.path.join(out_b, PREFIX + "_checkpoint.pth.tar"), weights_only=False)
-    for k in range(2):
-        for name, tensor in ck_a["nets"][k].items():
-            assert torch.equal(tensor, ck_b["nets"][k][name]), name
 
 
 def test_resume_cuts_log_lines_written_after_the_checkpoint(straight_run, data_dir, tmp_path):
