@@ -1,7 +1,7 @@
 """Train_custom.py: the ImageFolder, list, Animal-10N and Food-101N layouts end to end on miniature data sets,
 the class count from the data, a binary imbalanced set, the label-review CSV, resume refusals (resume identity:
-test_resume.py), two processes under torchrun, the settings each layout resolves, the nets, empty divisions, and the one-line
-errors."""
+test_resume.py), two processes under torchrun, the settings each layout resolves, the nets, empty divisions, and
+the one-line errors."""
 import csv
 import json
 import os
