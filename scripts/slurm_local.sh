@@ -29,7 +29,7 @@ install_packages() {
 write_conf() {
     local host cpus
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc obeys these: a shell with OMP_NUM_THREADS=1 would get a 1-CPU node
     mkdir -p "$STATE/ctld" "$STATE/d" "$STATE/log"
     cat >"$CONF" <<EOF
 ClusterName=dividemix

@@ -170,6 +170,7 @@ def test_list_lines_without_an_integer_label(tmp_path):
         Clothing1M(str(tmp_path), 14, 4, 2, 32, 0, CPU)
 
 
+@pytest.mark.slow
 def test_malformed_list_lines_are_one_line_before_any_output(tmp_path, capsys):
     clothing, web, out = tmp_path / "clothing", tmp_path / "web", tmp_path / "out"
     write_fake_clothing1m(str(clothing), n_train=20, n_val=5, n_test=5)
@@ -363,6 +364,7 @@ def _clothing_with_bad_images(root):
 CLOTHING_FAST = ["--pretrained", "none", "--batch_size", 4, "--num_batches", 3, "--image_size", 64, "--num_epochs", 0]
 
 
+@pytest.mark.slow
 def test_a_run_with_fewer_bad_images_than_allowed_completes_and_logs_them(tmp_path):
     data, out = tmp_path / "clothing", tmp_path / "out"
     bad = _clothing_with_bad_images(data)
@@ -378,6 +380,7 @@ def test_a_run_with_fewer_bad_images_than_allowed_completes_and_logs_them(tmp_pa
     assert sorted(p for p, _ in ckpt["bad_images"]) == sorted(bad)
 
 
+@pytest.mark.slow
 def test_more_bad_images_than_allowed_stop_the_run_with_one_line(tmp_path):
     data, out = tmp_path / "clothing", tmp_path / "out"
     bad = _clothing_with_bad_images(data)

@@ -67,6 +67,7 @@ def run_script(*args):
                           capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow
 def test_train_clothing1m_end_to_end(tmp_path):
     data = tmp_path / "clothing"
     write_fake_clothing1m(str(data))
@@ -93,6 +94,7 @@ def test_train_clothing1m_end_to_end(tmp_path):
     assert proc.returncode == 2 and "already holds a clothing1m run" in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line(tmp_path):
     proc = run_script("--data_path", tmp_path, "--output_dir", tmp_path / "o", "--pretrained", "none")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

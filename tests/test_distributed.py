@@ -22,6 +22,8 @@ from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from PreResNet import ResNet18
 from runs import CIFAR_FAST as FAST, PREFIX
 
+pytestmark = pytest.mark.slow  # every test here starts training processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 

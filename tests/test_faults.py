@@ -23,6 +23,8 @@ from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
 from runs import CIFAR_FAST as FAST, PREFIX, assert_same_run as same_run
 
+pytestmark = pytest.mark.slow  # every test here starts training processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGS = (PREFIX + "_acc.txt", PREFIX + "_stats.txt", PREFIX + "_log.jsonl")
 CKPT = PREFIX + "_checkpoint.pth.tar"

@@ -253,7 +253,7 @@ def tiny_cifar_dir(tmp_path_factory):
 def _train(data, out, *args):
     """A two-epoch Train_cifar.py run without warm-up (both epochs co-divide); returns its JSON log records."""
     proc = _run("Train_cifar.py", "--data_path", data, "--output_dir", out, "--batch_size", 4, "--eval_batch_size",
-                64, "--num_epochs", 1, "--warm_up", 0, "--save_loss_every", 0, *args)
+                64, "--num_epochs", 1, "--warm_up", 0, "--save_loss_every", 0, "--net_width", 8, *args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     prefix = os.path.join(out, "cifar10_0.5_sym")
     return [json.loads(line) for line in open(prefix + "_log.jsonl")]

@@ -338,6 +338,7 @@ def test_open_set_noise_of_a_run(cifar_pair, capsys):
         noise.make_noise(args, images, clean, 10, 300)
 
 
+@pytest.mark.slow
 def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path):
     data_path = str(tmp_path / "c10")
     clean = write_fake_cifar(data_path, "cifar10", n_train=64, n_test=20)
@@ -348,7 +349,7 @@ def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--data_path", data_path,
                            "--output_dir", str(out), "--noise_mode", "worst", "--ood_ratio", "0.25", "--ood_path",
                            str(tmp_path / "ood.npz"), "--num_epochs", "1", "--warm_up", "1", "--batch_size", "8",
-                           "--eval_batch_size", "64"], cwd=ROOT, capture_output=True, text=True,
+                           "--eval_batch_size", "64", "--net_width", "8"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "lambda_u=0.0 (CIFAR-N preset of the noisypy reproduction)" in proc.stdout
@@ -371,7 +372,7 @@ def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--data_path", data_path,
                            "--output_dir", str(out), "--noise_mode", "worst", "--ood_ratio", "0.25", "--ood_path",
                            str(tmp_path / "ood.npz"), "--num_epochs", "2", "--warm_up", "1", "--batch_size", "8",
-                           "--eval_batch_size", "64", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                           "--eval_batch_size", "64", "--net_width", "8", "--resume"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert (f"training labels from CIFAR-N file {data_path}/CIFAR-10_human.pt and replacement file "

@@ -61,6 +61,7 @@ def test_optimised_step_matches_plain_fp32(setup, precision, tol_loss, tol_updat
     assert cos > min_cos
 
 
+@pytest.mark.slow
 def test_bench_runs_and_reports(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--num_train", "48", "--num_test", "16",
            "--batch_size", "8", "--eval_batch_size", "32", "--epochs", "1", "--num_workers", "0"]

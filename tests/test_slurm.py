@@ -12,6 +12,8 @@ import pytest
 
 from fake_cifar import write_fake_cifar
 
+pytestmark = pytest.mark.slow  # every test here starts training processes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP = os.path.join(REPO, "scripts", "sweep_cifar.sh")
 LOCAL_SLURM = os.path.join(REPO, "scripts", "slurm_local.sh")
@@ -19,7 +21,7 @@ CELLS = ("cifar10:sym:0.5", "cifar10:asym:0.4")
 RUNS = {"cifar10:sym:0.5": ("cifar10_sym_0.5_seed123", "cifar10_0.5_sym"),
         "cifar10:asym:0.4": ("cifar10_asym_0.4_seed123", "cifar10_0.4_asym")}
 TRAIN_ARGS = ["--num_epochs", "2", "--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64",
-              "--save_loss_every", "0"]
+              "--save_loss_every", "0", "--net_width", "8"]
 
 
 def slurm_answers(env):
@@ -181,7 +183,8 @@ def test_a_torchrun_job_requeues_on_the_time_limit_warning_and_resumes(env, data
     out = tmp_path / "run"
     proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/job_%j.out",
                            os.path.join(REPO, "scripts", "slurm_torchrun.sbatch"), os.path.join(REPO, "Train_cifar.py"),
-                           "--data_path", str(data), "--output_dir", str(out), *TRAIN_ARGS],
+                           "--data_path", str(data), "--output_dir", str(out), *TRAIN_ARGS,
+                           "--net_width", "64"],  # the paper's net: epochs long enough to be warned mid-run
                           env={**env, "PROCS_PER_NODE": "2"}, capture_output=True, text=True, cwd=tmp_path, check=True)
     job = proc.stdout.strip().split(";")[0]
     wait_for_checkpoint(str(out))

@@ -204,6 +204,7 @@ def run_train(data, out, epochs, *extra):
     return proc
 
 
+@pytest.mark.slow
 def test_every_option_end_to_end_and_resumed_exactly(tmp_path):
     data = str(tmp_path / "cifar")
     write_fake_cifar(data, "cifar10", n_train=64, n_test=20)
@@ -262,6 +263,7 @@ def test_plots_draw_the_classwise_division(tmp_path):
     assert (tmp_path / "p" / "classwise_cifar10_asym_0.4_seed1.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["Train_clothing1M.py", "Train_webvision.py", "Train_custom.py"])
 def test_classwise_division_in_the_other_scripts(tmp_path, script):
     """--division classwise reaches the division every script makes at the end of its warm-up epoch."""

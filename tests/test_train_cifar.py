@@ -12,6 +12,8 @@ import pytest
 from fake_cifar import write_fake_cifar
 from runs import CIFAR_FAST as FAST, PREFIX, run_script
 
+pytestmark = pytest.mark.slow  # every test here starts training processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

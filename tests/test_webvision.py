@@ -78,6 +78,7 @@ def run_script(*args):
                           capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow
 def test_train_webvision_end_to_end(tmp_path):
     data = tmp_path / "webvision"
     write_fake_webvision(str(data), n_train=24, n_val=6, n_imagenet=6)
@@ -100,6 +101,7 @@ def test_train_webvision_end_to_end(tmp_path):
     assert records[1]["net1"]["Lu"] == 0.0
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line(tmp_path):
     proc = run_script("--data_path", tmp_path, "--output_dir", tmp_path / "o")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
