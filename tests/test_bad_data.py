@@ -28,9 +28,10 @@ CPU = torch.device("cpu")
 
 
 
-def unlocked(folder):
-    """The files of folder other than run locks (a run takes its lock before it reads any data)."""
-    return [f for f in os.listdir(folder) if not f.endswith(".lock")]
+def left_behind(folder):
+    """What a refused start left in folder, its lock included (nothing: a refusal removes what the start made)."""
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
 
 def run(script, *args):
     """Run one of the training scripts; return the completed process."""
@@ -122,7 +123,7 @@ def test_cifar_bad_labels_and_pixels_stop_before_anything_is_written(tmp_path, c
         line = run_in_process(Train_cifar, capsys, *args)
     assert message in line and "replace it with the original file" in line
     assert listing(data) == before  # no noise file was written
-    assert not os.path.exists(out) or not unlocked(out)
+    assert not left_behind(out)
 
 
 def test_cifar_pixels_below_zero_and_labels_within_a_larger_num_class(tmp_path):
@@ -179,14 +180,14 @@ def test_malformed_list_lines_are_one_line_before_any_output(tmp_path, capsys):
     line = one_error_line(run("Train_clothing1M.py", "--data_path", clothing, "--output_dir", out, "--pretrained",
                               "none"))
     assert "clean_label_kv.txt:12: 'images/1/val_7.jpg x7' is not `<path> <integer label>`" in line
-    assert not unlocked(out)
+    assert not left_behind(out)
 
     write_fake_webvision(str(web), n_train=8, n_val=4, n_imagenet=4)
     with open(web / "info" / "train_filelist_google.txt", "a") as f:
         f.write("google/q0001/000001.jpg\n")
     line = run_in_process(Train_webvision, capsys, "--data_path", web, "--output_dir", out)
     assert "train_filelist_google.txt:10: 'google/q0001/000001.jpg' is not `<path> <integer label>`" in line
-    assert not unlocked(out)
+    assert not left_behind(out)
 
 
 def test_every_listed_image_is_checked_at_start(tmp_path):

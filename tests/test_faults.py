@@ -281,10 +281,11 @@ def test_an_injected_full_disk_stops_at_once_and_resume_continues(straight, data
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 260 MB tmpfs: room for one checkpoint of the tiny run, not for two (skipped where mount is not allowed)."""
+    """A 4 MB tmpfs: room for one 2.9 MB checkpoint of the tiny run, not for two (skipped where mount is not
+    allowed)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=260m", "tmpfs", str(mount)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
                       capture_output=True).returncode:
         pytest.skip("mount -t tmpfs is not allowed here")
     yield mount
@@ -296,7 +297,7 @@ def test_a_real_full_disk_then_more_space(straight, data, small_tmpfs):
     line = one_line(train(data, out, 2, code=2))
     assert "No space left on device" in line and "the checkpoint of epoch 0" in line
     assert verify_checkpoint(str(out / CKPT)) is None and not temp_files(out)
-    subprocess.run(["mount", "-o", "remount,size=800m", str(small_tmpfs)], check=True)
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
     train(data, out, 2, "--resume")
     assert_same_run(out, straight)
 
