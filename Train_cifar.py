@@ -30,6 +30,7 @@ from PreResNet import ResNet18
 from presets import (CIFARN_MODES, CIFARN_PRESET, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix,
                      setting_preset)
 from run_folder import RunDir, run_config
+from rundirs import LOSSES_SUFFIX, loss_snapshot_name
 
 LR_DECAY_EPOCH = 150
 # The flags that may differ at --resume: where the files are (the labels and replaced images are checked by their
@@ -177,7 +178,7 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
 
     save_now = args.save_loss_every and ((epoch - cfg.warm_up) % args.save_loss_every == 0 or epoch == args.num_epochs)
     if loss_dir and is_main_process() and save_now:
-        save_division(os.path.join(loss_dir, "epoch_%03d.npz" % epoch), divisions, data.clean_mask, cfg.p_threshold)
+        save_division(os.path.join(loss_dir, loss_snapshot_name(epoch)), divisions, data.clean_mask, cfg.p_threshold)
 
     def make_loaders(k, pred, prob):
         """Labeled and unlabeled loaders of net k's division, without the samples the OOD filter removed."""
@@ -281,7 +282,7 @@ def train(args, run, sources, device):
                              labels_sha256=defining["labels_sha256"], **files,
                              world_size=world_size(), sync_bn=sync_bn))
     train_nets = wrap_ddp(nets, device, sync_bn)
-    loss_dir = run.path("_losses")
+    loss_dir = run.path(LOSSES_SUFFIX)
     if run.main:
         os.makedirs(loss_dir, exist_ok=True)
 

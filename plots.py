@@ -11,7 +11,6 @@ Written into --out_dir:
                                        (open-set runs: also the replaced images it labeled)
 Figures are drawn with matplotlib's object interface on the Agg canvas: no display, no global pyplot state.
 """
-import glob
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ from matplotlib.figure import Figure
 from cli import run_main
 from flags import FlagParser
 from published import PAPER_CLOTHING1M_TEST, PAPER_WEBVISION, SOURCES, cifar_published
-from rundirs import cell_name, find_runs, fmt_num, group_runs
+from rundirs import LOSSES_SUFFIX, cell_name, find_runs, fmt_num, group_runs, loss_snapshots
 
 MAX_SNAPSHOTS = 5  # loss-histogram epochs drawn per run when --epochs is not given
 ACC_CURVES = {
@@ -191,12 +190,7 @@ def loss_figure(snapshot, title):
 
 def snapshot_epochs(run):
     """{epoch: path} of a run's saved loss snapshots."""
-    found = {}
-    for path in glob.glob(os.path.join(run.run_dir, run.prefix + "_losses", "epoch_*.npz")):
-        m = re.match(r"epoch_(\d+)\.npz$", os.path.basename(path))
-        if m:
-            found[int(m.group(1))] = path
-    return dict(sorted(found.items()))
+    return loss_snapshots(os.path.join(run.run_dir, run.prefix + LOSSES_SUFFIX))
 
 
 def choose_epochs(available, wanted, label):

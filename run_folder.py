@@ -15,7 +15,7 @@ from checkpointing import (WRITE_ERRNOS, CheckpointWriter, atomic_json, atomic_w
                            link_or_copy, load_checkpoint, restore_rng, verify_checkpoint)
 from cli import STOP_SIGNALS, Interrupted, UserError, see_doc
 from distributed import on_main, restart_count, world_size
-from rundirs import restartable
+from rundirs import LOSSES_SUFFIX, loss_snapshots, restartable
 
 # Where the refusals of --resume and of a fresh start over a run are explained.
 RESUME_DOC = see_doc("Resume")
@@ -228,7 +228,7 @@ class RunDir:
         """Delete temporary files a killed process of this run left (the lock guarantees none is in use)."""
         names = [f for f in os.listdir(self.folder) if f.startswith(f".{self.prefix}_") and f.endswith(".tmp")]
         stale = [os.path.join(self.folder, f) for f in names]
-        loss_dir = self.path("_losses")
+        loss_dir = self.path(LOSSES_SUFFIX)
         if os.path.isdir(loss_dir):
             stale += [os.path.join(loss_dir, f) for f in os.listdir(loss_dir) if f.startswith(".")
                       and f.endswith(".tmp")]
@@ -481,6 +481,11 @@ class RunDir:
                 src = os.path.join(source, checkpoint.get("prefix", self.prefix) + suffix)
                 if os.path.exists(src):
                     link_or_copy(src, self.path(suffix))
+            source_losses = os.path.join(source, checkpoint.get("prefix", self.prefix) + LOSSES_SUFFIX)
+            for epoch, src in loss_snapshots(source_losses).items():  # the loss snapshots are logs too
+                if epoch <= checkpoint["epoch"]:
+                    os.makedirs(self.path(LOSSES_SUFFIX), exist_ok=True)
+                    link_or_copy(src, os.path.join(self.path(LOSSES_SUFFIX), os.path.basename(src)))
             link_or_copy(source_checkpoint, self.ckpt_path)
             self.rotate = self.own_checkpoint = True
             print(f"continuing the run of {source} from its epoch {checkpoint['epoch']} here; its checkpoint, its logs "

@@ -2,6 +2,7 @@
 configs and JSON-lines logs, and grouping the seeds of one experiment. No torch, no matplotlib."""
 import json
 import os
+import re
 import sys
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -19,6 +20,24 @@ MODE_ORDER = {mode: i for i, mode in enumerate(("sym", "asym", "idn") + CIFARN_R
 # was being written in the background and the next one, which waits for that write to finish. More logged epochs
 # without a checkpoint are a run whose checkpoint is gone: a fresh start refuses to overwrite them.
 UNCHECKPOINTED_EPOCHS = 2
+
+
+# Train_cifar.py saves each co-divide epoch's per-sample losses and division as <prefix>_losses/epoch_NNN.npz.
+LOSSES_SUFFIX = "_losses"
+_SNAPSHOT = re.compile(r"epoch_(\d+)\.npz$")
+
+
+def loss_snapshot_name(epoch):
+    """The file name of an epoch's loss snapshot in a run's losses folder."""
+    return "epoch_%03d.npz" % epoch
+
+
+def loss_snapshots(folder):
+    """{epoch: path} of the loss snapshots in a losses folder (empty when there is none), by epoch."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {int(m.group(1)): os.path.join(folder, name) for name in os.listdir(folder) if (m := _SNAPSHOT.match(name))}
+    return dict(sorted(found.items()))
 
 
 def is_finished(last_epoch, num_epochs):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from checkpointing import verify_checkpoint
+from cifar_files import read_cifar
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
@@ -87,11 +88,13 @@ def snapshot(folder):
 
 
 def clone(src, dst, copy_checkpoints=False):
-    """A copy of a run folder; checkpoints are hard links unless they are to be damaged."""
+    """A copy of a run folder (its losses folder too); checkpoints are hard links unless they are to be damaged."""
     os.makedirs(dst)
     for name in os.listdir(src):
         path = os.path.join(src, name)
-        if os.path.isfile(path):
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(dst, name))
+        elif os.path.isfile(path):
             if name.endswith(".pth.tar") and not copy_checkpoints:
                 os.link(path, os.path.join(dst, name))
             else:
@@ -245,7 +248,7 @@ def test_a_damaged_checkpoint_names_the_fallback_which_continues(straight, data,
 
 def test_resume_with_other_noisy_labels_is_refused(straight, data, tmp_path):
     out = clone(straight, tmp_path / "run")
-    clean = np.arange(32) % 10
+    clean = read_cifar(str(data), "cifar10")[1]  # the data's own clean training labels
     other = tmp_path / "other.json"
     other.write_text(json.dumps(inject_noise(clean, 0.5, "sym", 10, seed=7)))
     before = snapshot(out)
