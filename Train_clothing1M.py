@@ -42,7 +42,7 @@ SHOWN_SETTINGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "
 # Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
 # epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
 FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
-               "num_batches": AT_LEAST_ONE, "image_size": Range(32, note="ResNet-50 reduces it 32-fold"),
+               "num_batches": AT_LEAST_ONE, "image_size": Range(33, note="ResNet-50's last grid must be at least 2x2"),
                "num_workers": NON_NEGATIVE, "max_bad_images": NON_NEGATIVE}
 
 

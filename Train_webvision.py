@@ -39,8 +39,9 @@ SHOWN_SETTINGS = ("batch_size", "lr", "alpha", "lambda_u", "p_threshold", "T", "
 # Allowed values of every numeric flag, checked before anything is read or written. Epoch 0 must be a warm-up
 # epoch: the division a co-divide epoch trains on is made at the end of the epoch before.
 FLAG_RANGES = {**TRAIN_FLAGS, "warm_up": Range(1, note="epoch 0 warms up: a division needs an epoch before it"),
-               "image_size": Range(75, note="Inception-ResNet-v2's smallest input"), "num_workers": NON_NEGATIVE,
-               "max_bad_images": NON_NEGATIVE}
+               # below 107 pixels the last grid is 1x1, where BatchNorm cannot train on a last batch of one image
+               "image_size": Range(107, note="Inception-ResNet-v2's last grid must be at least 2x2"),
+               "num_workers": NON_NEGATIVE, "max_bad_images": NON_NEGATIVE}
 
 
 def get_args_parser():

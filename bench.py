@@ -38,7 +38,8 @@ PHASES = ("warmup", "eval", "gmm", "train1", "train2", "test")
 # needs both halves non-empty: 16 images make an empty half unlikely (2 / 2**16).
 FLAG_RANGES = {"num_train": Range(16, note="the benchmark's division needs both halves"), "num_test": AT_LEAST_ONE,
                "batch_size": AT_LEAST_ONE, "eval_batch_size": AT_LEAST_ONE, "num_workers": NON_NEGATIVE,
-               "epochs": Range(1, note="train epochs per net"), "seed": SEED}
+               "epochs": Range(1, note="train epochs per net"), "seed": SEED,
+               "net_width": Range(1)}
 
 
 # ----------------------------------------------------------------------------- the straightforward baseline
@@ -115,7 +116,7 @@ def run_phases(name, loaders, precision, args, device, clean_mask, shard=None):
     np.random.seed(args.seed)
     nets = []
     for _ in range(2):
-        net = ResNet18(num_classes=10).to(device)
+        net = ResNet18(num_classes=10, width=args.net_width).to(device)
         if precision.channels_last:
             net = net.to(memory_format=torch.channels_last)
         if args.compile and name == "fast":
@@ -169,6 +170,8 @@ def get_args_parser():
                    help="channels_last memory layout on the fast path")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's nets")
     p.add_argument("--epochs", default=2, type=int, help="train epochs per net, to see memory growth")
+    p.add_argument("--net_width", default=64, type=int,
+                   help="channels of the PreAct ResNet-18's first stage, as Train_cifar.py (64: the paper's network)")
     p.add_argument("--skip_baseline", action="store_true", help="time this project's path only")
     p.add_argument("--seed", default=0, type=int, help="seeds the synthetic data and both implementations")
     return p
@@ -224,7 +227,7 @@ def describe(args, arrays, device):
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_native_bf16(),
             "torch": torch.__version__, "num_train": len(arrays[0]), "num_test": len(arrays[3]),
             "batch_size": args.batch_size, "amp": args.amp, "channels_last": args.channels_last,
-            "compile": args.compile, "epochs": args.epochs}
+            "compile": args.compile, "epochs": args.epochs, "net_width": args.net_width}
 
 
 def main(args):

@@ -27,7 +27,7 @@ CUSTOM_FAST = ["--arch", "preact_resnet18", "--image_size", "16", "--batch_size"
 SCRIPTS = {
     "cifar": ("Train_cifar.py", lambda d: write_fake_cifar(d, "cifar10", n_train=64, n_test=20), CIFAR_FAST),
     "clothing1m": ("Train_clothing1M.py", write_fake_clothing1m,
-                   ["--pretrained", "none", "--batch_size", "4", "--num_batches", "2", "--image_size", "64",
+                   ["--pretrained", "none", "--batch_size", "4", "--num_batches", "2", "--image_size", "48",
                     "--num_workers", "0"]),
     "custom-streamed-val": ("Train_custom.py", lambda d: write_image_folder(d, n_train=5, n_test=2, n_val=2),
                             [*CUSTOM_FAST, "--cache_limit_gb", "0"]),

@@ -362,7 +362,7 @@ def _clothing_with_bad_images(root):
     return [str(p) for p in bad]
 
 
-CLOTHING_FAST = ["--pretrained", "none", "--batch_size", 4, "--num_batches", 3, "--image_size", 64, "--num_epochs", 0]
+CLOTHING_FAST = ["--pretrained", "none", "--batch_size", 4, "--num_batches", 3, "--image_size", 48, "--num_epochs", 0]
 
 
 @pytest.mark.slow

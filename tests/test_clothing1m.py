@@ -73,7 +73,7 @@ def test_train_clothing1m_end_to_end(tmp_path):
     write_fake_clothing1m(str(data))
     out = tmp_path / "out"
     common = ["--data_path", data, "--output_dir", out, "--pretrained", "none", "--batch_size", 4, "--num_batches", 3,
-              "--image_size", 64, "--num_workers", 0]
+              "--image_size", 48, "--num_workers", 0]
     proc = run_script(*common, "--num_epochs", 1)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = (out / "clothing1m.txt").read_text().splitlines()

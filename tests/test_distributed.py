@@ -215,7 +215,7 @@ def test_clothing1m_on_two_processes(tmp_path):
     write_fake_clothing1m(str(data), n_train=50, n_val=15, n_test=13)
     out = tmp_path / "out"
     ok(torchrun(2, ["Train_clothing1M.py"], "--data_path", data, "--output_dir", out, "--pretrained", "none",
-                "--batch_size", 4, "--num_batches", 3, "--image_size", 64, "--num_workers", 0, "--num_epochs", 1))
+                "--batch_size", 4, "--num_batches", 3, "--image_size", 48, "--num_workers", 0, "--num_epochs", 1))
     lines = (out / "clothing1m.txt").read_text().splitlines()
     assert lines[0].startswith("Validation Epoch:0") and lines[2].startswith("Test Accuracy:")
     recs = [json.loads(x) for x in (out / "clothing1m_log.jsonl").read_text().splitlines()]
@@ -242,7 +242,7 @@ def test_webvision_on_two_processes(tmp_path):
 
 def test_bench_reports_scaling_against_one_process():
     proc = ok(torchrun(2, ["bench.py"], "--device", "cpu", "--num_train", 32, "--num_test", 16, "--batch_size", 8,
-                       "--eval_batch_size", 16, "--epochs", 1))
+                       "--eval_batch_size", 16, "--epochs", 1, "--net_width", 8))
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["world_size"] == 2 and report["device"] == "cpu"
     for phase in ("warmup", "eval", "gmm", "train1", "train2", "test"):

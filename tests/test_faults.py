@@ -370,7 +370,7 @@ def test_sigterm_with_loader_workers_is_one_line_and_resume_continues(tmp_path):
     write_fake_clothing1m(str(data))
     out = tmp_path / "out"
     cmd = [sys.executable, os.path.join(ROOT, "Train_clothing1M.py"), "--data_path", str(data), "--output_dir",
-           str(out), "--pretrained", "none", "--batch_size", 4, "--num_batches", 2, "--image_size", 64,
+           str(out), "--pretrained", "none", "--batch_size", 4, "--num_batches", 2, "--image_size", 48,
            "--num_workers", 2, "--num_epochs", 1]
     cmd = list(map(str, cmd))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

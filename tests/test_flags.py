@@ -89,12 +89,12 @@ SPECIFIC_BAD = {
         ("warm_up", "0", "--warm_up 0 is not allowed: give an integer >= 1 (epoch 0 warms up"),
         ("warm_up", "-1", "--warm_up -1 is not allowed: give an integer >= 1"),
         ("num_batches", "0", "--num_batches 0 is not allowed: give an integer >= 1"),
-        ("image_size", "31", "--image_size 31 is not allowed: give an integer >= 32"),
+        ("image_size", "32", "--image_size 32 is not allowed: give an integer >= 33"),
         ("num_workers", "-1", "--num_workers -1 is not allowed: give an integer >= 0"),
     ],
     "Train_webvision.py": [
         ("warm_up", "0", "--warm_up 0 is not allowed: give an integer >= 1"),
-        ("image_size", "74", "--image_size 74 is not allowed: give an integer >= 75"),
+        ("image_size", "106", "--image_size 106 is not allowed: give an integer >= 107"),
         ("num_workers", "-1", "--num_workers -1 is not allowed: give an integer >= 0"),
     ],
     "dataloader_cifar.py": [
@@ -122,8 +122,8 @@ GOOD = {
                        ["--lambda_u", "0"], ["--warm_up", "0"], ["--num_epochs", "0", "--warm_up", "5"],
                        ["--r", "0"], ["--r", "1"], ["--alpha", "1e-300"], ["--T", "1e-3"], ["--T", "1"],
                        ["--save_loss_every", "0"], ["--num_class", "11"], ["--lr", "1e-9"]],
-    "Train_clothing1M.py": [["--warm_up", "1"], ["--num_workers", "0"], ["--image_size", "32"], ["--lambda_u", "0"]],
-    "Train_webvision.py": [["--warm_up", "100", "--num_epochs", "3"], ["--image_size", "75"], ["--seed", "0"]],
+    "Train_clothing1M.py": [["--warm_up", "1"], ["--num_workers", "0"], ["--image_size", "33"], ["--lambda_u", "0"]],
+    "Train_webvision.py": [["--warm_up", "100", "--num_epochs", "3"], ["--image_size", "107"], ["--seed", "0"]],
     "dataloader_cifar.py": [["--r", "0"], ["--r", "1"], ["--seed", "4294967295"]],
     "bench.py": [["--num_train", "16"], ["--epochs", "1"], ["--num_workers", "0"]],
 }

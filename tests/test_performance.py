@@ -65,7 +65,7 @@ def test_optimised_step_matches_plain_fp32(setup, precision, tol_loss, tol_updat
 @pytest.mark.slow
 def test_bench_runs_and_reports(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--num_train", "48", "--num_test", "16",
-           "--batch_size", "8", "--eval_batch_size", "32", "--epochs", "1", "--num_workers", "0"]
+           "--batch_size", "8", "--eval_batch_size", "32", "--epochs", "1", "--num_workers", "0", "--net_width", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])

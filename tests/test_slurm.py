@@ -181,11 +181,13 @@ def test_without_sbatch_slurm_stops_with_one_line(tmp_path):
 def test_a_torchrun_job_requeues_on_the_time_limit_warning_and_resumes(env, data, tmp_path):
     """scripts/slurm_torchrun.sbatch: one run on 2 processes (CPU, gloo), warned mid-run, requeued, continued."""
     out = tmp_path / "run"
+    # the epoch-1 checkpoint write lingers 4 s (tests/fault_launch.py), so the warning finds the run mid-way
     proc = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/job_%j.out",
-                           os.path.join(REPO, "scripts", "slurm_torchrun.sbatch"), os.path.join(REPO, "Train_cifar.py"),
-                           "--data_path", str(data), "--output_dir", str(out), *TRAIN_ARGS,
-                           "--net_width", "64"],  # the paper's net: epochs long enough to be warned mid-run
-                          env={**env, "PROCS_PER_NODE": "2"}, capture_output=True, text=True, cwd=tmp_path, check=True)
+                           os.path.join(REPO, "scripts", "slurm_torchrun.sbatch"),
+                           os.path.join(REPO, "tests", "fault_launch.py"), os.path.join(REPO, "Train_cifar.py"),
+                           "--data_path", str(data), "--output_dir", str(out), *TRAIN_ARGS],
+                          env={**env, "PROCS_PER_NODE": "2", "FAULT": "slow:2:4"}, capture_output=True, text=True,
+                          cwd=tmp_path, check=True)
     job = proc.stdout.strip().split(";")[0]
     wait_for_checkpoint(str(out))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
