@@ -41,11 +41,16 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def _end_process_group():
-    """Destroy torch.distributed's process group when one is up; never imports torch itself."""
+def _end_process_group(together=False):
+    """Destroy torch.distributed's process group when one is up (after a barrier when every rank ended normally);
+    never imports torch itself."""
     # A process group exists only if the script imported torch.distributed: a torch-free script skips all this.
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        if together:
+            # a rank that tears its gloo group down while rank 0 still finishes its epoch (the checkpoint write)
+            # can abort in gloo's threads ("terminate called without an active exception"): leave together
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -55,7 +60,9 @@ def run_main(main, args):
     # Under torchrun every rank's stderr reaches the console: a rank other than 0 says which it is.
     who = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" else ""
     try:
-        return main(args)
+        result = main(args)
+        _end_process_group(together=True)  # only here: after an error the other ranks may never reach a barrier
+        return result
     except ReportedOnRankZero:
         sys.exit(2)
     except UserError as exc:
