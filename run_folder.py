@@ -482,10 +482,11 @@ class RunDir:
                 if os.path.exists(src):
                     link_or_copy(src, self.path(suffix))
             source_losses = os.path.join(source, checkpoint.get("prefix", self.prefix) + LOSSES_SUFFIX)
-            for epoch, src in loss_snapshots(source_losses).items():  # the loss snapshots are logs too
-                if epoch <= checkpoint["epoch"]:
-                    os.makedirs(self.path(LOSSES_SUFFIX), exist_ok=True)
-                    link_or_copy(src, os.path.join(self.path(LOSSES_SUFFIX), os.path.basename(src)))
+            carried = [src for epoch, src in loss_snapshots(source_losses).items() if epoch <= checkpoint["epoch"]]
+            if carried:  # the loss snapshots up to the checkpoint are logs too
+                os.makedirs(self.path(LOSSES_SUFFIX), exist_ok=True)
+            for src in carried:
+                link_or_copy(src, os.path.join(self.path(LOSSES_SUFFIX), os.path.basename(src)))
             link_or_copy(source_checkpoint, self.ckpt_path)
             self.rotate = self.own_checkpoint = True
             print(f"continuing the run of {source} from its epoch {checkpoint['epoch']} here; its checkpoint, its logs "

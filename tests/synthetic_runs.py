@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from presets import run_prefix
+from rundirs import LOSSES_SUFFIX, loss_snapshot_name
 
 
 def write_json_lines(path, records):
@@ -97,8 +98,9 @@ def write_cifar_run(run_dir, dataset="cifar10", r=0.5, noise_mode="sym", seed=12
                 arrays.update({f"loss{k}": loss, f"prob{k}": prob, f"gmm{k}_means": means,
                                f"gmm{k}_vars": variances, f"gmm{k}_weights": weights})
             if epoch in snapshots:
-                os.makedirs(os.path.join(run_dir, prefix + "_losses"), exist_ok=True)
-                np.savez_compressed(os.path.join(run_dir, prefix + "_losses", "epoch_%03d.npz" % epoch), **arrays)
+                losses = os.path.join(run_dir, prefix + LOSSES_SUFFIX)
+                os.makedirs(losses, exist_ok=True)
+                np.savez_compressed(os.path.join(losses, loss_snapshot_name(epoch)), **arrays)
         records.append(record)
     write_json_lines(os.path.join(run_dir, prefix + "_log.jsonl"), records)
     with open(os.path.join(run_dir, prefix + "_acc.txt"), "w") as f:
