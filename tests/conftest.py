@@ -1,16 +1,57 @@
-"""What the whole suite shares: one thread per process, the slow marker, and one undisturbed tiny run per script."""
+"""What the whole suite shares: one thread per process, the slow marker, a prestarted interpreter for the training
+processes, and one undisturbed tiny run per script."""
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
+
+from prestarted import SOCKET_VARIABLE
 
 # One thread per torch process: on a 2-core machine the pytest process, a training subprocess and torchrun's
 # workers would otherwise oversubscribe the cores, and OpenMP's spinning threads then make a tiny run 10x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+_server = pytest.StashKey()  # the prestarted server of this pytest process
 
 
 def pytest_configure(config):
-    """Register the marker of the tests that start training processes."""
+    """Register the marker of the tests that start training processes; name this process's prestarted server."""
     config.addinivalue_line("markers", "slow: starts training processes (deselect with -m 'not slow')")
+    # named before the test files are imported (some copy os.environ then); it listens only once started below
+    folder = tempfile.mkdtemp(prefix="dividemix-prestarted-")
+    os.environ[SOCKET_VARIABLE] = os.path.join(folder, "socket")
+    config.stash[_server] = None
+
+
+def pytest_collection_finish(session):
+    """Start the prestarted interpreter (tests/prestarted.py) when a selected test starts training processes; it
+    imports torch in the background while the first tests run (until then their runs start the plain way)."""
+    if any(item.get_closest_marker("slow") for item in session.items):
+        session.config.stash[_server] = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "prestarted.py"), "--serve",
+             os.environ[SOCKET_VARIABLE]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)
+
+
+def pytest_unconfigure(config):
+    """Stop the prestarted server and remove its folder."""
+    server = config.stash.get(_server, None)
+    if server is not None:
+        server.terminate()
+        server.wait()
+    if SOCKET_VARIABLE in os.environ:
+        shutil.rmtree(os.path.dirname(os.environ.pop(SOCKET_VARIABLE)), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prestarted_python(tmp_path_factory):
+    """An interpreter command for $PYTHON (the sweep's): `python SCRIPT ...` through tests/prestarted.py."""
+    path = tmp_path_factory.mktemp("prestarted") / "python"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(os.path.dirname(__file__), "prestarted.py")}" "$@"\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 @pytest.fixture(scope="session")

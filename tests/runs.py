@@ -2,10 +2,12 @@
 bit-for-bit comparison of two run folders."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from fake_cifar import write_fake_cifar
@@ -36,10 +38,41 @@ SCRIPTS = {
 }
 
 
+def script_command(script, *args, prestarted=True):
+    """`python SCRIPT ARGS...` for a script of the repository, through tests/prestarted.py unless told not to (the
+    same process as far as the script can tell, without its seconds of importing torch)."""
+    launcher = [os.path.join(ROOT, "tests", "prestarted.py")] if prestarted else []
+    return [sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)]
+
+
+def torchrun_command(nproc, script, *args, max_restarts=0):
+    """`torchrun --standalone --nproc_per_node=N SCRIPT ARGS...` (CPU: gloo), the launcher and each worker started
+    through tests/prestarted.py (its --no-python runs the given interpreter command as the worker)."""
+    prestarted = os.path.join(ROOT, "tests", "prestarted.py")
+    return [sys.executable, prestarted, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max_restarts={max_restarts}", "--monitor_interval=0.2", "--no-python", sys.executable, prestarted,
+            os.path.join(ROOT, script), *map(str, args)]
+
+
+def run_torchrun(nproc, script, *args, env=None, max_restarts=0, timeout=300):
+    """Run torchrun_command's job in a session of its own (a job that hangs is killed whole, torchrun and its
+    workers, and fails the test); the completed process."""
+    cmd = torchrun_command(nproc, script, *args, max_restarts=max_restarts)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not end within {timeout} s: {stdout[-2000:]} {stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def run_script(script, *args, env=None, check=True):
-    """Run a training script of the repository as a user would; check its exit code (0) unless told not to."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    """Run a script of the repository as a user would; check its exit code (0) unless told not to."""
+    proc = subprocess.run(script_command(script, *args), cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

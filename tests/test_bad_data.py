@@ -3,8 +3,6 @@ stray files in the ImageNet folders, and images that cannot be decoded during a 
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from imagelist import BadImages, ImageListDataset, check_images, make_loader
 import Train_cifar
 import Train_webvision
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -35,8 +34,7 @@ def left_behind(folder):
 
 def run(script, *args):
     """Run one of the training scripts; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return runs.run_script(script, *args, check=False)
 
 
 def one_error_line(proc):

@@ -2,8 +2,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from dataloader_clothing1M import Clothing1M
 from fake_realworld import write_fake_clothing1m
 from imagelist import class_balanced_draw
 from cli import UserError
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,8 +62,7 @@ def test_paths_drop_the_images_prefix_and_labels_come_from_the_right_kv(tmp_path
 
 def run_script(*args):
     """Run Train_clothing1M.py; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "Train_clothing1M.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return runs.run_script("Train_clothing1M.py", *args, check=False)
 
 
 @pytest.mark.slow

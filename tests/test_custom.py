@@ -7,9 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +18,7 @@ from dividemix import Precision
 from fake_custom import FOOD_CLASSES, write_animal10n, write_food101n, write_image_folder, write_lists
 from PreResNet import ResNet18
 import Train_custom
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -70,10 +68,7 @@ def test_image_folder_end_to_end_with_val_and_an_unreadable_image(tmp_path):
     write_image_folder(str(data), n_val=2)
     broken = data / "train" / "dog" / "dog_001.jpg"
     corrupt(broken)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_custom.py"), "--data_path", str(data),
-                           "--output_dir", str(out), "--cache_limit_gb", "0", *FAST], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    proc = runs.run_script("Train_custom.py", "--data_path", data, "--output_dir", out, "--cache_limit_gb", 0, *FAST)
     assert f"warning: skipped unreadable image {broken}" in proc.stdout
     assert "3 classes, 24 training images, 6 val, 9 test; streamed" in proc.stdout
     lines = (out / "custom_acc.txt").read_text().splitlines()
@@ -175,20 +170,9 @@ def test_food101n_folders(tmp_path):
 def test_two_processes_under_torchrun(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     write_image_folder(str(data), n_train=5, n_test=3, n_val=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--monitor_interval=0.2", os.path.join(ROOT, "Train_custom.py"), "--data_path", str(data), "--output_dir",
-           str(out), "--cache_limit_gb", "0", *FAST]
-    # a session of its own, so that a job that hangs is killed whole
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not end: {stdout[-2000:]} {stderr[-3000:]}")
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    proc = runs.run_torchrun(2, "Train_custom.py", "--data_path", data, "--output_dir", out, "--cache_limit_gb", 0,
+                             *FAST)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     config = json.loads((out / "custom_config.json").read_text())
     assert config["world_size"] == 2 and config["classes"] == ["cat", "dog", "fox"]
     records = json_log(out / "custom_log.jsonl")

@@ -4,9 +4,6 @@ processes and with another count, a killed rank, torchrun's restarts, bench.py's
 (tests/dist_checks.py)."""
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -20,28 +17,11 @@ from dividemix import division_stats, eval_train, normalise_losses
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from PreResNet import ResNet18
-from runs import CIFAR_FAST as FAST, PREFIX
+from runs import CIFAR_FAST as FAST, PREFIX, run_script, run_torchrun as torchrun
 
 pytestmark = pytest.mark.slow  # every test here starts training processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(nproc, script, *args, env=None, max_restarts=0, timeout=300):
-    """`torchrun --standalone --nproc_per_node=N [--max_restarts=K] SCRIPT ARGS` (the CPU: gloo); the process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           f"--max_restarts={max_restarts}", "--monitor_interval=0.2", *script, *map(str, args)]
-    # a session of its own: a job that hangs is killed whole (torchrun and its workers), not just torchrun
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, **(env or {})}, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not end within {timeout} s: {stdout[-2000:]} {stderr[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def cifar_args(data, out, epochs, *extra):
@@ -93,7 +73,7 @@ def two(data, tmp_path_factory):
     """A 2-process run of epochs 0 (warm-up) and 1 (co-divide) with probes: (folder, probe folder)."""
     out = tmp_path_factory.mktemp("two") / "run"
     probe = tmp_path_factory.mktemp("probe")
-    ok(torchrun(2, launch("Train_cifar.py"), *cifar_args(data, out, 1), env={"PROBE": str(probe)}))
+    ok(torchrun(2, *launch("Train_cifar.py"), *cifar_args(data, out, 1), env={"PROBE": str(probe)}))
     return out, probe
 
 
@@ -101,7 +81,7 @@ def test_pieces_on_two_ranks(tmp_path):
     """DDP warm-up step = single step on the whole batch, prior penalty and its gradient, mixing partners within a
     rank, shard orders, even batches of odd sets, gathered loss evaluation and accuracy."""
     out = tmp_path / "passed.json"
-    ok(torchrun(2, [os.path.join(ROOT, "tests", "dist_checks.py")], out))
+    ok(torchrun(2, os.path.join(ROOT, "tests", "dist_checks.py"), out))
     assert len(json.loads(out.read_text())) == 6
 
 
@@ -147,11 +127,9 @@ def test_the_division_is_that_of_a_single_process_evaluation_of_the_same_weights
 
 def test_world_size_one_equals_the_plain_command(data, tmp_path):
     plain = tmp_path / "plain"
-    proc = subprocess.run([sys.executable, "Train_cifar.py", *map(str, cifar_args(data, plain, 1))], cwd=ROOT,
-                          capture_output=True, text=True, env=ENV)
-    ok(proc)
+    run_script("Train_cifar.py", *cifar_args(data, plain, 1))
     one = tmp_path / "one"
-    proc = ok(torchrun(1, ["Train_cifar.py"], *cifar_args(data, one, 1, "--gpuid", 3)))
+    proc = ok(torchrun(1, "Train_cifar.py", *cifar_args(data, one, 1, "--gpuid", 3)))
     assert "--gpuid 3 is ignored under torchrun" in proc.stdout
     assert_same_run(one, plain)
 
@@ -159,24 +137,21 @@ def test_world_size_one_equals_the_plain_command(data, tmp_path):
 def test_resume_with_two_processes_continues_exactly(two, data, tmp_path):
     """Also: the same torchrun command gives the same logs (the first part of this run is the fixture's again)."""
     out = tmp_path / "resumed"
-    ok(torchrun(2, ["Train_cifar.py"], *cifar_args(data, out, 0)))
-    ok(torchrun(2, ["Train_cifar.py"], *cifar_args(data, out, 1, "--resume")))
+    ok(torchrun(2, "Train_cifar.py", *cifar_args(data, out, 0)))
+    ok(torchrun(2, "Train_cifar.py", *cifar_args(data, out, 1, "--resume")))
     assert_same_run(out, two[0])
 
 
 def test_a_two_process_checkpoint_continues_in_one_process(two, data, tmp_path):
     out = tmp_path / "one"
-    proc = subprocess.run([sys.executable, "Train_cifar.py", *map(str, cifar_args(data, out, 2)), "--resume",
-                           str(two[0] / (PREFIX + "_checkpoint.pth.tar"))], cwd=ROOT, capture_output=True,
-                          text=True, env=ENV)
-    ok(proc)
+    proc = run_script("Train_cifar.py", *cifar_args(data, out, 2), "--resume", two[0] / (PREFIX + "_checkpoint.pth.tar"))
     assert "written by 2 process(es), this run has 1" in proc.stdout
     assert [r["epoch"] for r in records(out)] == [0, 1, 2]
     assert records(out)[:2] == records(two[0])
 
 
 def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
-    proc = torchrun(2, ["Train_cifar.py"], *cifar_args(data, tmp_path / "out", 1), "--batch_size", 7)
+    proc = torchrun(2, "Train_cifar.py", *cifar_args(data, tmp_path / "out", 1), "--batch_size", 7)
     assert proc.returncode != 0
     assert "error: --batch_size 7 does not split evenly over 2 processes" in proc.stderr
     # no traceback of the script (torchrun prints its own)
@@ -185,7 +160,7 @@ def test_a_batch_that_does_not_split_is_refused(data, tmp_path):
 
 
 def test_an_error_rank_0_finds_for_the_job_is_reported_once(data, tmp_path):
-    proc = torchrun(2, ["Train_cifar.py"], *cifar_args(data, tmp_path / "out", 1, "--resume", tmp_path / "none.tar"))
+    proc = torchrun(2, "Train_cifar.py", *cifar_args(data, tmp_path / "out", 1, "--resume", tmp_path / "none.tar"))
     assert proc.returncode != 0
     assert proc.stderr.count("error: --resume: no checkpoint at") == 1 and "error: rank 1" not in proc.stderr
 
@@ -193,7 +168,7 @@ def test_an_error_rank_0_finds_for_the_job_is_reported_once(data, tmp_path):
 def test_a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint(data, tmp_path):
     out = tmp_path / "killed"
     t0 = time.time()
-    proc = torchrun(2, launch("Train_cifar.py"), *cifar_args(data, out, 1), env={"KILL": "1:1"})
+    proc = torchrun(2, *launch("Train_cifar.py"), *cifar_args(data, out, 1), env={"KILL": "1:1"})
     assert proc.returncode != 0 and time.time() - t0 < 120
     assert "rank      : 1 (local_rank: 1)" in proc.stderr and "SIGKILL" in proc.stderr
     checkpoint = out / (PREFIX + "_checkpoint.pth.tar")
@@ -204,7 +179,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_an_intact_checkpoint(data, tmp_pa
 def test_torchrun_restarts_resume_by_themselves_and_end_as_an_undisturbed_run(two, data, tmp_path):
     out = tmp_path / "restarted"
     # torch's shared rendezvous store would hand the restarted workers the addresses of the attempt before
-    proc = ok(torchrun(2, launch("Train_cifar.py"), *cifar_args(data, out, 1), max_restarts=1,
+    proc = ok(torchrun(2, *launch("Train_cifar.py"), *cifar_args(data, out, 1), max_restarts=1,
                        env={"KILL": "1:1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}))
     assert "torchrun restart 1: continuing from the last checkpoint" in proc.stdout
     assert_same_run(out, two[0])
@@ -214,7 +189,7 @@ def test_clothing1m_on_two_processes(tmp_path):
     data = tmp_path / "clothing"
     write_fake_clothing1m(str(data), n_train=50, n_val=15, n_test=13)
     out = tmp_path / "out"
-    ok(torchrun(2, ["Train_clothing1M.py"], "--data_path", data, "--output_dir", out, "--pretrained", "none",
+    ok(torchrun(2, "Train_clothing1M.py", "--data_path", data, "--output_dir", out, "--pretrained", "none",
                 "--batch_size", 4, "--num_batches", 3, "--image_size", 48, "--num_workers", 0, "--num_epochs", 1))
     lines = (out / "clothing1m.txt").read_text().splitlines()
     assert lines[0].startswith("Validation Epoch:0") and lines[2].startswith("Test Accuracy:")
@@ -230,7 +205,7 @@ def test_webvision_on_two_processes(tmp_path):
     data = tmp_path / "webvision"
     write_fake_webvision(str(data), n_train=13, n_val=7, n_imagenet=6)
     out = tmp_path / "out"
-    ok(torchrun(2, ["Train_webvision.py"], "--data_path", data, "--output_dir", out, "--batch_size", 4,
+    ok(torchrun(2, "Train_webvision.py", "--data_path", data, "--output_dir", out, "--batch_size", 4,
                 "--image_size", 107, "--num_workers", 0, "--num_epochs", 1))
     recs = [json.loads(x) for x in (out / "webvision_log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in recs] == ["warmup", "train"]
@@ -241,7 +216,7 @@ def test_webvision_on_two_processes(tmp_path):
 
 
 def test_bench_reports_scaling_against_one_process():
-    proc = ok(torchrun(2, ["bench.py"], "--device", "cpu", "--num_train", 32, "--num_test", 16, "--batch_size", 8,
+    proc = ok(torchrun(2, "bench.py", "--device", "cpu", "--num_train", 32, "--num_test", 16, "--batch_size", 8,
                        "--eval_batch_size", 16, "--epochs", 1, "--net_width", 8))
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["world_size"] == 2 and report["device"] == "cpu"
@@ -257,7 +232,7 @@ def test_successor_options_keep_every_rank_equal(data, tmp_path):
     every rank with the same weights, optimizer states and divisions."""
     probe = tmp_path / "probe"
     probe.mkdir()
-    ok(torchrun(2, launch("Train_cifar.py"),
+    ok(torchrun(2, *launch("Train_cifar.py"),
                 *cifar_args(data, tmp_path / "run", 2, "--division", "classwise", "--ood_filter", "knn", "--ood_k",
                             "3", "--ood_interval", "1", "--mix", "input+embedding"), env={"PROBE": str(probe)}))
     ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]

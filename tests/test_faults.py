@@ -22,7 +22,7 @@ from cifar_files import read_cifar
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
-from runs import CIFAR_FAST as FAST, PREFIX, assert_same_run as same_run
+from runs import CIFAR_FAST as FAST, PREFIX, assert_same_run as same_run, script_command
 
 pytestmark = pytest.mark.slow  # every test here starts training processes
 
@@ -33,11 +33,12 @@ PREV = PREFIX + "_checkpoint_prev.pth.tar"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def command(data, out, epochs, *extra, fault=None):
-    """The Train_cifar.py command line (through the fault launcher when a fault is given)."""
-    script = [os.path.join(ROOT, "tests", "fault_launch.py")] if fault else []
-    return [sys.executable, *script, os.path.join(ROOT, "Train_cifar.py"), "--data_path", str(data), "--output_dir",
-            str(out), "--num_epochs", str(epochs), *FAST, *map(str, extra)]
+def command(data, out, epochs, *extra, fault=None, prestarted=True):
+    """The Train_cifar.py command line (through the fault launcher when a fault is given; a test that needs the
+    run's own pid, or kills it with SIGKILL, starts it without tests/prestarted.py)."""
+    script = ["tests/fault_launch.py", os.path.join(ROOT, "Train_cifar.py")] if fault else ["Train_cifar.py"]
+    return script_command(*script, "--data_path", data, "--output_dir", out, "--num_epochs", epochs, *FAST, *extra,
+                          prestarted=prestarted)
 
 
 def train(data, out, epochs, *extra, fault=None, code=0):
@@ -177,7 +178,7 @@ def test_an_older_checkpoint_does_not_cut_a_longer_run(straight, data, tmp_path)
 def test_a_second_start_is_refused_while_the_first_runs(data, tmp_path):
     out = tmp_path / "run"
     # the first run lingers in its checkpoint write, so it still holds the lock when the second one starts
-    first = subprocess.Popen(command(data, out, 0, fault="slow:1:5"), cwd=ROOT, env={**ENV, "FAULT": "slow:1:5"},
+    first = subprocess.Popen(command(data, out, 0, fault="slow:1:5", prestarted=False), cwd=ROOT, env={**ENV, "FAULT": "slow:1:5"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = out / f".{PREFIX}.lock"
     wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
@@ -201,7 +202,7 @@ def test_a_lock_left_by_a_dead_process_does_not_block(data, tmp_path):
 
 def test_kill_during_the_first_checkpoint_write_then_the_same_command(straight, data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(data, out, 1, fault="slow:1:60"), cwd=ROOT, env={**ENV, "FAULT": "slow:1:60"},
+    proc = subprocess.Popen(command(data, out, 1, fault="slow:1:60", prestarted=False), cwd=ROOT, env={**ENV, "FAULT": "slow:1:60"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: out.exists() and temp_files(out), proc)
     proc.kill()
@@ -215,7 +216,7 @@ def test_kill_during_the_first_checkpoint_write_then_the_same_command(straight, 
 
 def test_kill_during_a_later_checkpoint_write_then_resume(straight, data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(data, out, 2, fault="slow:2:60"), cwd=ROOT, env={**ENV, "FAULT": "slow:2:60"},
+    proc = subprocess.Popen(command(data, out, 2, fault="slow:2:60", prestarted=False), cwd=ROOT, env={**ENV, "FAULT": "slow:2:60"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: (out / CKPT).exists() and temp_files(out), proc)
     proc.kill()
@@ -354,7 +355,7 @@ def test_checkpoints_get_the_mode_of_the_logs_and_stale_temps_go(straight, data,
                                            ("Train_webvision.py", "webvision")])
 def test_every_script_checks_its_folder_and_lock_before_reading_data(script, prefix, tmp_path):
     (tmp_path / "afile").write_text("x")
-    cmd = [sys.executable, os.path.join(ROOT, script), "--data_path", str(tmp_path / "nowhere")]
+    cmd = script_command(script, "--data_path", tmp_path / "nowhere")
     proc = subprocess.run(cmd + ["--output_dir", str(tmp_path / "afile")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "is not usable" in one_line(proc)
     out = tmp_path / "run"
@@ -369,10 +370,9 @@ def test_sigterm_with_loader_workers_is_one_line_and_resume_continues(tmp_path):
     data = tmp_path / "clothing"
     write_fake_clothing1m(str(data))
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "Train_clothing1M.py"), "--data_path", str(data), "--output_dir",
-           str(out), "--pretrained", "none", "--batch_size", 4, "--num_batches", 2, "--image_size", 48,
-           "--num_workers", 2, "--num_epochs", 1]
-    cmd = list(map(str, cmd))
+    cmd = script_command("Train_clothing1M.py", "--data_path", data, "--output_dir", out, "--pretrained", "none",
+                         "--batch_size", 4, "--num_batches", 2, "--image_size", 48, "--num_workers", 2,
+                         "--num_epochs", 1)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("warm-up"):  # inside the warm-up epoch, its loader's workers running

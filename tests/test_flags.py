@@ -7,8 +7,6 @@ import importlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ import Train_cifar
 import Train_clothing1M
 import Train_custom
 import Train_webvision
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_TEXT = "0..4294967295"
@@ -203,8 +202,7 @@ def test_near_paper_r_gets_no_paper_preset():
 
 def _run(script, *args):
     """Run a script of the repository; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    return runs.run_script(script, *args, check=False)
 
 
 def _tree(path):

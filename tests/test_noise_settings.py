@@ -4,8 +4,6 @@ import io
 import json
 import os
 import pickle
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -21,6 +19,7 @@ from noise import (CIFARN_KEYS, check_noise_fits, choose_replacement, expected_c
                    idn_flip_distribution, instance_noise, load_or_create_noise, load_or_create_replacement,
                    read_cifarn, read_ood_source, validate_setting)
 from noise import main as noise_main
+from runs import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -346,12 +345,10 @@ def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path)
     hwc = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "ood.npz", images=hwc)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--data_path", data_path,
-                           "--output_dir", str(out), "--noise_mode", "worst", "--ood_ratio", "0.25", "--ood_path",
-                           str(tmp_path / "ood.npz"), "--num_epochs", "1", "--warm_up", "1", "--batch_size", "8",
-                           "--eval_batch_size", "64", "--net_width", "8"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    args = ["--data_path", data_path, "--output_dir", out, "--noise_mode", "worst", "--ood_ratio", "0.25",
+            "--ood_path", tmp_path / "ood.npz", "--warm_up", "1", "--batch_size", "8", "--eval_batch_size", "64",
+            "--net_width", "8"]
+    proc = run_script("Train_cifar.py", *args, "--num_epochs", 1)
     assert "lambda_u=0.0 (CIFAR-N preset of the noisypy reproduction)" in proc.stdout
     worst = content["worse_label"]
     assert f"worst labels {np.mean(worst != clean):.1%} noisy (the release's: 40.2%)" in proc.stdout
@@ -369,11 +366,7 @@ def test_train_cifar_on_cifarn_labels_with_open_set_images(cifar_pair, tmp_path)
     replacement["source_index"] = replacement["source_index"][1:] + replacement["source_index"][:1]
     with open(config["ood_file"], "w") as f:
         json.dump(replacement, f)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--data_path", data_path,
-                           "--output_dir", str(out), "--noise_mode", "worst", "--ood_ratio", "0.25", "--ood_path",
-                           str(tmp_path / "ood.npz"), "--num_epochs", "2", "--warm_up", "1", "--batch_size", "8",
-                           "--eval_batch_size", "64", "--net_width", "8", "--resume"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_script("Train_cifar.py", *args, "--num_epochs", 2, "--resume", check=False)
     assert proc.returncode == 2
     assert (f"training labels from CIFAR-N file {data_path}/CIFAR-10_human.pt and replacement file "
             f"{config['ood_file']} differ") in proc.stderr

@@ -2,8 +2,6 @@
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 
 from dividemix import DivideMixConfig, Precision, cpu_native_bf16, default_amp, train_step
 from PreResNet import ResNet18
+from runs import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,10 +63,8 @@ def test_optimised_step_matches_plain_fp32(setup, precision, tol_loss, tol_updat
 
 @pytest.mark.slow
 def test_bench_runs_and_reports(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--num_train", "48", "--num_test", "16",
-           "--batch_size", "8", "--eval_batch_size", "32", "--epochs", "1", "--num_workers", "0", "--net_width", "8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("bench.py", "--device", "cpu", "--num_train", "48", "--num_test", "16", "--batch_size", "8",
+                      "--eval_batch_size", "32", "--epochs", "1", "--num_workers", "0", "--net_width", "8")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
     for impl in ("fast", "baseline"):

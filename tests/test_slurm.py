@@ -33,11 +33,11 @@ def slurm_answers(env):
 
 
 @pytest.fixture(scope="module")
-def env():
+def env(prestarted_python):
     """An environment whose SLURM answers: the one configured, else the local one started (as root) here."""
     if shutil.which("sbatch") is None:
         pytest.skip("sbatch is not installed (Debian: apt-get install slurm-wlm munge; .ci/run does this)")
-    e = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e = {**os.environ, "PYTHON": prestarted_python, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     e.pop("CUDA_VISIBLE_DEVICES", None)
     local_conf = os.path.join(os.environ.get("SLURM_LOCAL_DIR", "/tmp/dividemix-slurm"), "slurm.conf")
     if "SLURM_CONF" not in e and os.path.exists(local_conf):

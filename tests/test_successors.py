@@ -2,8 +2,6 @@
 (Manifold DivideMix): their rules on hand-made inputs, the default path untouched, end to end with resume."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from dividemix import (DivideMixConfig, fit_gmm, fit_gmm_classwise, gmm_division
                        ood_removal, train_step)
 from fake_cifar import write_fake_cifar
 from PreResNet import ResNet18
-from runs import CIFAR_FAST
+from runs import CIFAR_FAST, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -197,11 +195,8 @@ OPTIONS = ["--division", "classwise", "--ood_filter", "knn", "--ood_k", "3", "--
 
 def run_train(data, out, epochs, *extra):
     """Train_cifar.py with every option on; returns the completed process (checked)."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--data_path", data, "--output_dir",
-                           out, "--num_epochs", str(epochs), *FAST, *OPTIONS, *extra], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return proc
+    return run_script("Train_cifar.py", "--data_path", data, "--output_dir", out, "--num_epochs", epochs, *FAST,
+                      *OPTIONS, *extra)
 
 
 @pytest.mark.slow
@@ -236,11 +231,9 @@ def test_every_option_end_to_end_and_resumed_exactly(tmp_path):
 
 
 def test_option_flags_are_checked(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--ood_remove", "1",
-                           "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script("Train_cifar.py", "--ood_remove", "1", "--output_dir", tmp_path, check=False)
     assert proc.returncode == 2 and "--ood_remove 1 would take every training image out" in proc.stderr
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "Train_cifar.py"), "--division", "perclass",
-                           "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    proc = run_script("Train_cifar.py", "--division", "perclass", "--output_dir", tmp_path, check=False)
     assert proc.returncode == 2 and "perclass" in proc.stderr and proc.stderr.count("\n") == 1
 
 
@@ -281,9 +274,7 @@ def test_classwise_division_in_the_other_scripts(tmp_path, script):
     else:
         write_image_folder(str(data))
         args += ["--pretrained", "none", "--arch", "preact_resnet18", "--image_size", "16"]
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    run_script(script, *args)
     log = next(p for p in os.listdir(out) if p.endswith("_log.jsonl"))
     record = json.loads(open(out / log).readline())
     per_class = record["net1"]["classwise"]

@@ -41,13 +41,13 @@ sys.exit(3 if "0.8" in args else 0)
 
 
 @pytest.fixture
-def env(tmp_path):
-    """Environment with this Python, no CUDA_VISIBLE_DEVICES and an nvidia-smi that finds no GPU."""
+def env(tmp_path, prestarted_python):
+    """Environment with this Python (prestarted), no CUDA_VISIBLE_DEVICES and an nvidia-smi that finds no GPU."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake_smi(bin_dir, "exit 9")
     e = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    e["PYTHON"] = sys.executable
+    e["PYTHON"] = prestarted_python
     e["PATH"] = f"{bin_dir}{os.pathsep}{e.get('PATH', '')}"
     return e
 

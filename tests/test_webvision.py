@@ -2,8 +2,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from fake_realworld import write_fake_webvision
 from imagelist import ListLoaders
 from InceptionResNetV2 import InceptionResNetV2
 from cli import UserError
+import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +73,7 @@ def test_train_crop_choices():
 
 def run_script(*args):
     """Run Train_webvision.py; return the completed process."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, "Train_webvision.py"), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return runs.run_script("Train_webvision.py", *args, check=False)
 
 
 @pytest.mark.slow
