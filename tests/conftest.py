@@ -25,6 +25,14 @@ def pytest_configure(config):
     config.stash[_server] = None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """Each test without an xdist group (runs.LARGE_CHECKPOINTS) joins the group of its file."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 def pytest_collection_finish(session):
     """Start the prestarted interpreter (tests/prestarted.py) when a selected test starts training processes; it
     imports torch in the background while the first tests run (until then their runs start the plain way)."""

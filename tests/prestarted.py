@@ -6,6 +6,7 @@ fresh process per run; the tests still start a real command and see a real proce
 
     python tests/prestarted.py SCRIPT ARGS...     (the client: what a test runs instead of `python SCRIPT ARGS...`)
     python tests/prestarted.py -m MODULE ARGS...  (instead of `python -m MODULE ARGS...`, e.g. torchrun)
+    python tests/prestarted.py -c CODE ARGS...    (instead of `python -c CODE ARGS...`)
 
 The client is a light process (no torch) that hands its stdin, stdout and stderr, its working folder, environment
 and arguments to the server, forwards the stop signals it receives (SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2) to
@@ -56,7 +57,7 @@ def client(argv):
     path = os.environ.get(SOCKET_VARIABLE)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        if not path or not argv or (argv[0].startswith("-") and argv[0] != "-m"):  # no server, or -c, ...
+        if not path or not argv or (argv[0].startswith("-") and argv[0] not in ("-m", "-c")):  # -W, -u, ...
             raise FileNotFoundError(SOCKET_VARIABLE)
         sock.connect(path)
     except OSError:
@@ -158,6 +159,11 @@ def _run(request, fds):
         sys.argv = argv[1:]
         sys.path[:] = [os.getcwd(), *extra, *base]
         start = lambda: runpy.run_module(argv[1], run_name="__main__", alter_sys=True)  # noqa: E731
+    elif argv[0] == "-c":  # python -c: sys.argv[0] is "-c", the working folder first on the path
+        sys.argv = ["-c", *argv[2:]]
+        sys.path[:] = ["", *extra, *base]
+        main = sys.modules["__main__"] = type(sys)("__main__")
+        start = lambda: exec(compile(argv[1], "<string>", "exec"), main.__dict__)  # noqa: E731
     else:
         sys.argv = list(argv)
         sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *extra, *base]

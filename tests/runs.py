@@ -1,5 +1,6 @@
 """What the tests share about running the training scripts: tiny, fast arguments per script, the runner, and the
 bit-for-bit comparison of two run folders."""
+import hashlib
 import json
 import os
 import signal
@@ -22,6 +23,12 @@ CIFAR_FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", 
               "--net_width", "8"]
 CUSTOM_FAST = ["--arch", "preact_resnet18", "--image_size", "16", "--batch_size", "4", "--warm_up", "1",
                "--num_workers", "0"]
+
+# Tests whose runs write the paper's networks (ResNet-50, Inception-ResNet-v2) or a full-width PreAct ResNet-18 keep
+# 0.2-1.9 GB of checkpoints on disk: pytest-xdist runs them one after another on one worker (pytest.ini: --dist
+# loadgroup; tests/conftest.py keeps every other test with the rest of its file), so that the suite's temporary
+# files stay below 2 GB.
+LARGE_CHECKPOINTS = pytest.mark.xdist_group("large_checkpoints")
 
 # Per script (and variant): how to write its tiny data set and the arguments of a tiny run, --num_epochs aside.
 # Train_webvision.py is left out: its Inception-ResNet-v2 checkpoints are 0.9 GB a save, and it resumes through the
@@ -85,49 +92,63 @@ def json_records(path):
     return [{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in records]
 
 
-def _same_tensors(a, b, where):
-    """Assert two (nested) checkpoint values are equal bit for bit."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
+def _digest(value):
+    """A nested checkpoint value with each tensor and array replaced by (dtype, shape, SHA-256 of its bytes)."""
+    if isinstance(value, dict):
+        return {key: _digest(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_digest(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        return ("tensor", str(value.dtype), tuple(value.shape), hashlib.sha256(raw.tobytes()).hexdigest())
+    if isinstance(value, np.ndarray):
+        raw = np.ascontiguousarray(value)
+        return ("array", str(raw.dtype), raw.shape, hashlib.sha256(raw.tobytes()).hexdigest())
+    return value
+
+
+def run_contents(folder):
+    """What two runs must have equal, file by file: every log line (timings aside), the checkpoint (weights,
+    optimizers, divisions, random states), the best weights and the saved losses, tensors as digests. Small next to
+    the folder: a test may keep it and delete a run of large checkpoints before making the one it compares to."""
+    # not compared: the lock, temporary files, the config (it names the folder) and the fallback checkpoint
+    skip = ("_config.json", "_checkpoint_prev.pth.tar")
+    contents = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or name.endswith(skip):
+            continue
+        if os.path.isdir(path):  # the saved losses, one file per epoch
+            contents[name] = {}
+            for snap in sorted(os.listdir(path)):
+                with np.load(os.path.join(path, snap)) as x:
+                    contents[name][snap] = {k: _digest(x[k]) for k in x.files}
+        elif name.endswith(".jsonl"):
+            contents[name] = json_records(path)
+        elif name.endswith(".pth.tar"):
+            x = torch.load(path, weights_only=False)
+            if isinstance(x, dict) and "nets" in x:  # the paths (all_args) and log sizes (timings) differ
+                x = {k: v for k, v in x.items() if k not in ("all_args", "logs")}
+            contents[name] = _digest(x)
+        else:
+            with open(path, "rb") as f:
+                contents[name] = f.read()
+    return contents
+
+
+def _assert_equal(a, b, where):
+    """Assert two nested values are equal, naming the first place where they differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{where}: {sorted(a)} != {sorted(b)}"
         for key in a:
-            _same_tensors(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
+            _assert_equal(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
-            _same_tensors(x, y, f"{where}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
+            _assert_equal(x, y, f"{where}/{i}")
     else:
         assert a == b, where
 
 
 def assert_same_run(a, b):
-    """Two run folders hold the same run: every log line (timings aside), the checkpoint (weights, optimizers,
-    divisions, random states), the best weights and the saved losses, bit for bit."""
-    def compared(folder):
-        """The files and folders of a run that must be equal (not the lock, temporary files, config, fallback)."""
-        skip = ("_config.json", "_checkpoint_prev.pth.tar")
-        return sorted(n for n in os.listdir(folder) if not n.startswith(".") and not n.endswith(skip))
-    names = compared(a)
-    assert names == compared(b)
-    for name in names:
-        pa, pb = os.path.join(a, name), os.path.join(b, name)
-        if os.path.isdir(pa):
-            assert sorted(os.listdir(pa)) == sorted(os.listdir(pb)), name
-            for snap in os.listdir(pa):
-                with np.load(os.path.join(pa, snap)) as x, np.load(os.path.join(pb, snap)) as y:
-                    assert x.files == y.files and all(np.array_equal(x[k], y[k]) for k in x.files), snap
-        elif name.endswith(".jsonl"):
-            assert json_records(pa) == json_records(pb), name
-        elif name.endswith(".pth.tar"):
-            x, y = torch.load(pa, weights_only=False), torch.load(pb, weights_only=False)
-            if isinstance(x, dict) and "nets" in x:  # the paths (all_args) and log sizes (timings) differ
-                _same_tensors({k: v for k, v in x.items() if k not in ("all_args", "logs")},
-                              {k: v for k, v in y.items() if k not in ("all_args", "logs")}, name)
-            else:
-                _same_tensors(x, y, name)
-        else:
-            with open(pa, "rb") as fa, open(pb, "rb") as fb:
-                assert fa.read() == fb.read(), name
+    """Two runs are the same run bit for bit (run_contents); each is a run folder or its run_contents."""
+    _assert_equal(*(x if isinstance(x, dict) else run_contents(x) for x in (a, b)), "run")

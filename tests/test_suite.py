@@ -1,6 +1,7 @@
-"""tests/prestarted.py, the prestarted interpreter most training processes of the suite start through: a run is the
-script as `python SCRIPT` would run it (arguments, path, folder, environment, streams, exit codes, tracebacks,
-signals), and a client killed with SIGKILL takes its run along."""
+"""The suite's own machinery. tests/prestarted.py, the prestarted interpreter most training processes of the suite
+start through: a run is the script as `python SCRIPT` would run it (arguments, path, folder, environment, streams,
+exit codes, tracebacks, signals), and a client killed with SIGKILL takes its run along. And the pytest-xdist groups
+that keep large checkpoints on one worker."""
 import os
 import signal
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 
 from prestarted import SOCKET_VARIABLE
 
-pytestmark = pytest.mark.slow  # the server starts only for a run with slow tests
 
+NEEDS_SERVER = pytest.mark.slow  # tests/conftest.py starts the server only for a run with slow tests
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prestarted.py")
 SCRIPT = """\
 import json, os, signal, sys, time
@@ -57,6 +58,7 @@ def client(script, *args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@NEEDS_SERVER
 def test_a_run_sees_what_python_script_would(script, tmp_path):
     import json
     proc = client(script, "report", "x y", cwd=tmp_path, env={**os.environ, "SOME_VARIABLE": "v"})
@@ -68,6 +70,7 @@ def test_a_run_sees_what_python_script_would(script, tmp_path):
     assert seen["preloaded"] and seen["pid"] != proc.pid  # forked from the server, with torch already imported
 
 
+@NEEDS_SERVER
 def test_exceptions_and_exit_messages_end_as_in_python(script):
     proc = client(script, "raise")
     _, err = proc.communicate(timeout=60)
@@ -77,6 +80,7 @@ def test_exceptions_and_exit_messages_end_as_in_python(script):
     assert proc.returncode == 1 and err == "a message\n"
 
 
+@NEEDS_SERVER
 def test_a_signal_to_the_client_reaches_the_run(script, tmp_path):
     proc = client(script, "signal", tmp_path / "pid")
     assert proc.stdout.readline() == "ready\n"
@@ -90,6 +94,7 @@ def test_a_signal_to_the_client_reaches_the_run(script, tmp_path):
     assert proc.returncode == -signal.SIGTERM
 
 
+@NEEDS_SERVER
 def test_a_client_killed_with_sigkill_takes_its_run_along(script, tmp_path):
     proc = client(script, "sleep", tmp_path / "pid")
     assert proc.stdout.readline() == "ready\n"
@@ -100,3 +105,22 @@ def test_a_client_killed_with_sigkill_takes_its_run_along(script, tmp_path):
     while os.path.exists(f"/proc/{run}") and open(f"/proc/{run}/stat").read().split()[2] != "Z":
         assert time.time() < deadline, "the run outlived its client"
         time.sleep(0.05)
+
+
+@NEEDS_SERVER
+def test_python_dash_c_and_dash_m(script, tmp_path):
+    proc = client("-c", "import sys; print(sys.argv, __name__, 'torch' in sys.modules); sys.exit(4)", "a",
+                  cwd=tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 4 and out == "['-c', 'a'] __main__ True\n"
+    (tmp_path / "probe_module.py").write_text("import sys\nprint(sys.argv[1:], __name__)\n")
+    proc = client("-m", "probe_module", "b", cwd=tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == "['b'] __main__\n"
+
+
+def test_each_test_runs_in_its_xdist_group(request):
+    """pytest.ini's --dist loadgroup sees the groups tests/conftest.py gives (a test of this file: the file's)."""
+    if not hasattr(request.config, "workerinput"):
+        pytest.skip("not under pytest-xdist (-n 0)")
+    assert request.node.nodeid.endswith("@test_suite.py"), request.node.nodeid
