@@ -270,7 +270,7 @@ def test_classwise_division_in_the_other_scripts(tmp_path, script):
         write_fake_clothing1m(str(data))
         args += ["--pretrained", "none", "--num_batches", "3", "--image_size", "48"]
     elif script == "Train_webvision.py":
-        write_fake_webvision(str(data), n_train=24, n_val=6, n_imagenet=6)
+        write_fake_webvision(str(data), n_train=12, n_val=6, n_imagenet=6)
         args += ["--image_size", "107"]
     else:
         write_image_folder(str(data))

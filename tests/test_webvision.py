@@ -80,7 +80,7 @@ def run_script(*args):
 @pytest.mark.slow
 def test_train_webvision_end_to_end(tmp_path):
     data = tmp_path / "webvision"
-    write_fake_webvision(str(data), n_train=24, n_val=6, n_imagenet=6)
+    write_fake_webvision(str(data), n_train=12, n_val=6, n_imagenet=6)
     out = tmp_path / "out"
     proc = run_script("--data_path", data, "--output_dir", out, "--batch_size", 4, "--image_size", 107,
                       "--num_workers", 0, "--num_epochs", 1)
@@ -94,7 +94,7 @@ def test_train_webvision_end_to_end(tmp_path):
     assert [r["phase"] for r in records] == ["warmup", "train"]
     for key in ("webvision_top1", "webvision_top5", "imagenet_top1", "imagenet_top5"):
         assert 0 <= records[1][key] <= 100
-    assert records[0]["net1"]["labeled"] + records[0]["net1"]["unlabeled"] == 24
+    assert records[0]["net1"]["labeled"] + records[0]["net1"]["unlabeled"] == 12
     # the division made at the end of epoch 0 by net2 is the one net1 trains on in epoch 1
     assert stats[0] == "Numer of labeled samples:%d " % records[0]["net2"]["labeled"]
     assert records[1]["net1"]["Lu"] == 0.0
