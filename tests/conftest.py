@@ -17,12 +17,19 @@ _server = pytest.StashKey()  # the prestarted server of this pytest process
 
 
 def pytest_configure(config):
-    """Register the marker of the tests that start training processes; name this process's prestarted server."""
+    """Register the marker of the tests that start training processes; start this process's prestarted server
+    (tests/prestarted.py; until it listens, runs start the plain way)."""
     config.addinivalue_line("markers", "slow: starts training processes (deselect with -m 'not slow')")
-    # named before the test files are imported (some copy os.environ then); it listens only once started below
+    # named before the test files are imported (some copy os.environ then), and started at once where tests run
+    # (not in pytest-xdist's controller): the server imports torch while this process collects the tests
     folder = tempfile.mkdtemp(prefix="dividemix-prestarted-")
     os.environ[SOCKET_VARIABLE] = os.path.join(folder, "socket")
     config.stash[_server] = None
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        config.stash[_server] = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "prestarted.py"), "--serve",
+             os.environ[SOCKET_VARIABLE]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -34,21 +41,23 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    """Start the prestarted interpreter (tests/prestarted.py) when a selected test starts training processes; it
-    imports torch in the background while the first tests run (until then their runs start the plain way)."""
-    if any(item.get_closest_marker("slow") for item in session.items):
-        session.config.stash[_server] = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "prestarted.py"), "--serve",
-             os.environ[SOCKET_VARIABLE]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True)
+    """Stop the prestarted server again when no selected test starts training processes (-m "not slow")."""
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        _stop_server(session.config)
 
 
-def pytest_unconfigure(config):
-    """Stop the prestarted server and remove its folder."""
+def _stop_server(config):
+    """Stop this process's prestarted server, if it runs."""
     server = config.stash.get(_server, None)
     if server is not None:
         server.terminate()
         server.wait()
+        config.stash[_server] = None
+
+
+def pytest_unconfigure(config):
+    """Stop the prestarted server and remove its folder."""
+    _stop_server(config)
     if SOCKET_VARIABLE in os.environ:
         shutil.rmtree(os.path.dirname(os.environ.pop(SOCKET_VARIABLE)), ignore_errors=True)
 
