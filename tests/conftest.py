@@ -34,7 +34,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Each test without an xdist group (runs.LARGE_CHECKPOINTS) joins the group of its file."""
+    """Each test without an xdist group (runs.LARGE_ON_DISK) joins the group of its file."""
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.path.name))

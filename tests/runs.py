@@ -24,11 +24,11 @@ CIFAR_FAST = ["--batch_size", "8", "--warm_up", "1", "--eval_batch_size", "64", 
 CUSTOM_FAST = ["--arch", "preact_resnet18", "--image_size", "16", "--batch_size", "4", "--warm_up", "1",
                "--num_workers", "0"]
 
-# Tests whose runs write the paper's networks (ResNet-50, Inception-ResNet-v2) or a full-width PreAct ResNet-18 keep
-# 0.2-1.9 GB of checkpoints on disk: pytest-xdist runs them one after another on one worker (pytest.ini: --dist
-# loadgroup; tests/conftest.py keeps every other test with the rest of its file), so that the suite's temporary
-# files stay below 2 GB.
-LARGE_CHECKPOINTS = pytest.mark.xdist_group("large_checkpoints")
+# Tests that keep 0.2-1.9 GB on disk (runs of the paper's networks, ResNet-50 and Inception-ResNet-v2, or of a
+# full-width PreAct ResNet-18; a CIFAR-size data set of 50,000 images): pytest-xdist runs them one after another on
+# one worker (pytest.ini: --dist loadgroup; tests/conftest.py keeps every other test with the rest of its file), so
+# that the suite's temporary files stay below 2 GB.
+LARGE_ON_DISK = pytest.mark.xdist_group("large_on_disk")
 
 # Per script (and variant): how to write its tiny data set and the arguments of a tiny run, --num_epochs aside.
 # Train_webvision.py is left out: its Inception-ResNet-v2 checkpoints are 0.9 GB a save, and it resumes through the

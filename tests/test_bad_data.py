@@ -363,7 +363,7 @@ def _clothing_with_bad_images(root):
 CLOTHING_FAST = ["--pretrained", "none", "--batch_size", 4, "--num_batches", 3, "--image_size", 48, "--num_epochs", 0]
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_a_run_with_fewer_bad_images_than_allowed_completes_and_logs_them(tmp_path):
     data, out = tmp_path / "clothing", tmp_path / "out"

@@ -65,7 +65,7 @@ def run_script(*args):
     return runs.run_script("Train_clothing1M.py", *args, check=False)
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_train_clothing1m_end_to_end(tmp_path):
     data = tmp_path / "clothing"

@@ -62,7 +62,7 @@ def corrupt(path):
 
 # ----------------------------------------------------------------------------- layouts end to end
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_image_folder_end_to_end_with_val_and_an_unreadable_image(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
@@ -99,7 +99,7 @@ def test_image_folder_end_to_end_with_val_and_an_unreadable_image(tmp_path):
     assert [r["path"] for r in rows if r["unreadable"] == "1"] == ["train/dog/dog_001.jpg"]
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_binary_imbalanced_lists_cached_with_class_names(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
@@ -119,7 +119,7 @@ def test_binary_imbalanced_lists_cached_with_class_names(tmp_path):
     assert sorted(r["path"] for r in rows) == [f"img/train_{i:03d}.png" for i in range(24)]
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_animal10n_layout(tmp_path, capsys):
     data, out = tmp_path / "animal", tmp_path / "out"
@@ -135,7 +135,7 @@ def test_animal10n_layout(tmp_path, capsys):
     assert all(r["path"].startswith("training/") and r["path"][9] == r["given_label"] for r in rows)
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_food101n_layout_reports_the_verified_subset(tmp_path):
     data, out = tmp_path / "food", tmp_path / "out"
@@ -170,7 +170,7 @@ def test_food101n_folders(tmp_path):
     assert dcu.food101n_roots(release, moved) == (release, moved)
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_two_processes_under_torchrun(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"

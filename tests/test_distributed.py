@@ -17,7 +17,7 @@ from dividemix import division_stats, eval_train, normalise_losses
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m, write_fake_webvision
 from PreResNet import ResNet18
-from runs import CIFAR_FAST as FAST, LARGE_CHECKPOINTS, PREFIX, run_script, run_torchrun as torchrun
+from runs import CIFAR_FAST as FAST, LARGE_ON_DISK, PREFIX, run_script, run_torchrun as torchrun
 
 pytestmark = pytest.mark.slow  # every test here starts training processes
 
@@ -185,7 +185,7 @@ def test_torchrun_restarts_resume_by_themselves_and_end_as_an_undisturbed_run(tw
     assert_same_run(out, two[0])
 
 
-@LARGE_CHECKPOINTS
+@LARGE_ON_DISK
 def test_clothing1m_on_two_processes(tmp_path):
     data = tmp_path / "clothing"
     write_fake_clothing1m(str(data), n_train=50, n_val=15, n_test=13)
@@ -202,7 +202,7 @@ def test_clothing1m_on_two_processes(tmp_path):
     assert round(recs[2]["test_acc"] * 13 / 100, 6).is_integer()
 
 
-@LARGE_CHECKPOINTS
+@LARGE_ON_DISK
 def test_webvision_on_two_processes(tmp_path):
     data = tmp_path / "webvision"
     write_fake_webvision(str(data), n_train=7, n_val=7, n_imagenet=6)

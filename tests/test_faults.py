@@ -22,7 +22,7 @@ from cifar_files import read_cifar
 from fake_cifar import write_fake_cifar
 from fake_realworld import write_fake_clothing1m
 from noise import inject_noise
-from runs import CIFAR_FAST as FAST, LARGE_CHECKPOINTS, PREFIX, assert_same_run as same_run, script_command
+from runs import CIFAR_FAST as FAST, LARGE_ON_DISK, PREFIX, assert_same_run as same_run, script_command
 
 pytestmark = pytest.mark.slow  # every test here starts training processes
 
@@ -366,7 +366,7 @@ def test_every_script_checks_its_folder_and_lock_before_reading_data(script, pre
     assert proc.returncode == 2 and f"is running {prefix} in {out}" in one_line(proc)
 
 
-@LARGE_CHECKPOINTS
+@LARGE_ON_DISK
 def test_sigterm_with_loader_workers_is_one_line_and_resume_continues(tmp_path):
     data = tmp_path / "clothing"
     write_fake_clothing1m(str(data))

@@ -19,7 +19,7 @@ from noise import (CIFARN_KEYS, check_noise_fits, choose_replacement, expected_c
                    idn_flip_distribution, instance_noise, load_or_create_noise, load_or_create_replacement,
                    read_cifarn, read_ood_source, validate_setting)
 from noise import main as noise_main
-from runs import run_script
+from runs import LARGE_ON_DISK, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,6 +200,7 @@ def test_idn_reference_set_covers_both_data_sets_and_seeds():
     assert {c[2] for c in cases if c[0] == "cifar100"} >= {0.2, 0.4, 0.5}
 
 
+@LARGE_ON_DISK  # a CIFAR-100 training file of 50,000 images
 def test_noise_command_writes_the_published_idn_labels(tmp_path, idn_images):
     # end to end: CIFAR-100's file as the data set ships it, read back, the default --seed, the usual file name
     rows = idn_images.reshape(50000, 3072)

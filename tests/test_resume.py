@@ -4,11 +4,11 @@ import shutil
 
 import pytest
 
-from runs import LARGE_CHECKPOINTS, SCRIPTS, assert_same_run, run_contents, run_script
+from runs import LARGE_ON_DISK, SCRIPTS, assert_same_run, run_contents, run_script
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", [pytest.param(key, marks=() if key == "cifar" else LARGE_CHECKPOINTS)
+@pytest.mark.parametrize("key", [pytest.param(key, marks=() if key == "cifar" else LARGE_ON_DISK)
                                  for key in SCRIPTS])
 def test_a_resumed_run_ends_as_the_undisturbed_one(key, tiny_data, undisturbed, tmp_path):
     script, _, args = SCRIPTS[key]

@@ -15,7 +15,7 @@ from dividemix import (DivideMixConfig, fit_gmm, fit_gmm_classwise, gmm_division
                        ood_removal, train_step)
 from fake_cifar import write_fake_cifar
 from PreResNet import ResNet18
-from runs import CIFAR_FAST, LARGE_CHECKPOINTS, run_script
+from runs import CIFAR_FAST, LARGE_ON_DISK, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -256,7 +256,7 @@ def test_plots_draw_the_classwise_division(tmp_path):
     assert (tmp_path / "p" / "classwise_cifar10_asym_0.4_seed1.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@LARGE_CHECKPOINTS
+@LARGE_ON_DISK
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["Train_clothing1M.py", "Train_webvision.py", "Train_custom.py"])
 def test_classwise_division_in_the_other_scripts(tmp_path, script):

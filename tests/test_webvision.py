@@ -76,7 +76,7 @@ def run_script(*args):
     return runs.run_script("Train_webvision.py", *args, check=False)
 
 
-@runs.LARGE_CHECKPOINTS
+@runs.LARGE_ON_DISK
 @pytest.mark.slow
 def test_train_webvision_end_to_end(tmp_path):
     data = tmp_path / "webvision"
