@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from prestarted import SOCKET_VARIABLE
+from prestarted import COMMAND, SOCKET_VARIABLE
 
 # One thread per torch process: on a 2-core machine the pytest process, a training subprocess and torchrun's
 # workers would otherwise oversubscribe the cores, and OpenMP's spinning threads then make a tiny run 10x slower.
@@ -27,9 +27,8 @@ def pytest_configure(config):
     config.stash[_server] = None
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
         config.stash[_server] = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "prestarted.py"), "--serve",
-             os.environ[SOCKET_VARIABLE]], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True)
+            [sys.executable, COMMAND, "--serve", os.environ[SOCKET_VARIABLE]], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, start_new_session=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -66,7 +65,7 @@ def pytest_unconfigure(config):
 def prestarted_python(tmp_path_factory):
     """An interpreter command for $PYTHON (the sweep's): `python SCRIPT ...` through tests/prestarted.py."""
     path = tmp_path_factory.mktemp("prestarted") / "python"
-    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(os.path.dirname(__file__), "prestarted.py")}" "$@"\n')
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{COMMAND}" "$@"\n')
     path.chmod(0o755)
     return str(path)
 

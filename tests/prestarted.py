@@ -30,6 +30,7 @@ import struct
 import sys
 
 SOCKET_VARIABLE = "PRESTARTED_SOCKET"
+COMMAND = os.path.abspath(__file__)  # `python COMMAND ...`: the client, or with --serve the server
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The entry points whose imports the server preloads; the project's own modules are then dropped again, so that

@@ -14,6 +14,7 @@ import torch
 from fake_cifar import write_fake_cifar
 from fake_custom import write_image_folder
 from fake_realworld import write_fake_clothing1m
+from prestarted import COMMAND as PRESTARTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "cifar10_0.5_sym"
@@ -48,16 +49,15 @@ SCRIPTS = {
 def script_command(script, *args, prestarted=True):
     """`python SCRIPT ARGS...` for a script of the repository, through tests/prestarted.py unless told not to (the
     same process as far as the script can tell, without its seconds of importing torch)."""
-    launcher = [os.path.join(ROOT, "tests", "prestarted.py")] if prestarted else []
+    launcher = [PRESTARTED] if prestarted else []
     return [sys.executable, *launcher, os.path.join(ROOT, script), *map(str, args)]
 
 
 def torchrun_command(nproc, script, *args, max_restarts=0):
     """`torchrun --standalone --nproc_per_node=N SCRIPT ARGS...` (CPU: gloo), the launcher and each worker started
     through tests/prestarted.py (its --no-python runs the given interpreter command as the worker)."""
-    prestarted = os.path.join(ROOT, "tests", "prestarted.py")
-    return [sys.executable, prestarted, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            f"--max_restarts={max_restarts}", "--monitor_interval=0.2", "--no-python", sys.executable, prestarted,
+    return [sys.executable, PRESTARTED, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max_restarts={max_restarts}", "--monitor_interval=0.2", "--no-python", sys.executable, PRESTARTED,
             os.path.join(ROOT, script), *map(str, args)]
 
 

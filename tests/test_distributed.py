@@ -144,7 +144,8 @@ def test_resume_with_two_processes_continues_exactly(two, data, tmp_path):
 
 def test_a_two_process_checkpoint_continues_in_one_process(two, data, tmp_path):
     out = tmp_path / "one"
-    proc = run_script("Train_cifar.py", *cifar_args(data, out, 2), "--resume", two[0] / (PREFIX + "_checkpoint.pth.tar"))
+    proc = run_script("Train_cifar.py", *cifar_args(data, out, 2), "--resume",
+                      two[0] / (PREFIX + "_checkpoint.pth.tar"))
     assert "written by 2 process(es), this run has 1" in proc.stdout
     assert [r["epoch"] for r in records(out)] == [0, 1, 2]
     assert records(out)[:2] == records(two[0])

@@ -178,7 +178,8 @@ def test_an_older_checkpoint_does_not_cut_a_longer_run(straight, data, tmp_path)
 def test_a_second_start_is_refused_while_the_first_runs(data, tmp_path):
     out = tmp_path / "run"
     # the first run lingers in its checkpoint write, so it still holds the lock when the second one starts
-    first = subprocess.Popen(command(data, out, 0, fault="slow:1:5", prestarted=False), cwd=ROOT, env={**ENV, "FAULT": "slow:1:5"},
+    first = subprocess.Popen(command(data, out, 0, fault="slow:1:5", prestarted=False),
+                             cwd=ROOT, env={**ENV, "FAULT": "slow:1:5"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lock = out / f".{PREFIX}.lock"
     wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid), first)
@@ -202,7 +203,8 @@ def test_a_lock_left_by_a_dead_process_does_not_block(data, tmp_path):
 
 def test_kill_during_the_first_checkpoint_write_then_the_same_command(straight, data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(data, out, 1, fault="slow:1:60", prestarted=False), cwd=ROOT, env={**ENV, "FAULT": "slow:1:60"},
+    proc = subprocess.Popen(command(data, out, 1, fault="slow:1:60", prestarted=False),
+                            cwd=ROOT, env={**ENV, "FAULT": "slow:1:60"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: out.exists() and temp_files(out), proc)
     proc.kill()
@@ -216,7 +218,8 @@ def test_kill_during_the_first_checkpoint_write_then_the_same_command(straight, 
 
 def test_kill_during_a_later_checkpoint_write_then_resume(straight, data, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(data, out, 2, fault="slow:2:60", prestarted=False), cwd=ROOT, env={**ENV, "FAULT": "slow:2:60"},
+    proc = subprocess.Popen(command(data, out, 2, fault="slow:2:60", prestarted=False),
+                            cwd=ROOT, env={**ENV, "FAULT": "slow:2:60"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: (out / CKPT).exists() and temp_files(out), proc)
     proc.kill()

@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from prestarted import SOCKET_VARIABLE
+from prestarted import COMMAND as CLIENT, SOCKET_VARIABLE
 
 
 NEEDS_SERVER = pytest.mark.slow  # tests/conftest.py starts the server only for a run with slow tests
-CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prestarted.py")
 SCRIPT = """\
 import json, os, signal, sys, time
 preloaded = "torch" in sys.modules  # before this script imports anything
