@@ -76,3 +76,19 @@ class PreActResNet(nn.Module):
 def ResNet18(num_classes=10, width=64):
     """PreAct ResNet-18 (two blocks per stage); width 64 is the paper's network."""
     return PreActResNet(PreActBlock, [2, 2, 2, 2], num_classes=num_classes, width=width)
+
+
+class PreActResNet18(PreActResNet):
+    """The PreAct ResNet-18 for any input size from 16 px: its last grid is averaged whole (ResNet18 pools a fixed
+    4 x 4 window, which only 32 x 32 inputs fill); at 32 px the two give the same outputs and share state-dict keys.
+    Train_custom.py trains it, Pretrain_simclr.py pre-trains it on images of any size."""
+
+    def __init__(self, num_classes, width=64):
+        """Two PreAct blocks per stage, as ResNet18."""
+        super().__init__(PreActBlock, [2, 2, 2, 2], num_classes=num_classes, width=width)
+
+    def features(self, x):
+        """The penultimate embedding (8 x width per image) of a batch of normalised images of any size."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.optim as optim
 
+from backbone_weights import load_backbone
 from checkpointing import atomic_write, run_state
 import cifar_files
 from cli import UserError, run_main
@@ -87,6 +88,10 @@ def get_args_parser():
     p.add_argument("--net_width", default=64, type=int,
                    help="channels of the PreAct ResNet-18's first stage, doubled at each stage (64: the paper's "
                         "network; e.g. 8 for a quick smoke run)")
+    p.add_argument("--pretrained", default="none",
+                   help="a checkpoint whose backbone both nets start from, each with a new classifier "
+                        "(Pretrain_simclr.py's <prefix>_backbone.pth or a published SimCLR file); with --ood_filter "
+                        "knn its embedding finds the neighbours (C2D, Manifold DivideMix); none: random weights")
     # Successors' ideas (docs/successors.md), all off by default.
     p.add_argument("--ood_filter", default="none", choices=("none", "knn"),
                    help="knn: take the samples farthest from their k nearest neighbours in embedding space out of "
@@ -136,9 +141,13 @@ def resolve_settings(args):
     return sources
 
 
-def create_model(num_class, device, precision, compile_net=False, width=64):
-    """A PreAct ResNet-18 on the training device, in the memory layout of `precision`."""
-    net = ResNet18(num_classes=num_class, width=width).to(device)
+def create_model(num_class, device, precision, compile_net=False, width=64, pretrained="none", name=None):
+    """A PreAct ResNet-18 on the training device, in the memory layout of `precision`; with a --pretrained file
+    its backbone's weights (name: the net as the line saying what was loaded calls it)."""
+    net = ResNet18(num_classes=num_class, width=width)
+    if pretrained != "none":
+        load_backbone(net, pretrained, "linear", "preact_resnet18", name)
+    net = net.to(device)
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if compile_net:
@@ -196,8 +205,9 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
 
 
 def filter_ood(nets, data, args, device, precision):
-    """The kNN OOD filter: both nets embed every training image, the mean of their kNN scores picks the samples
-    removed (the same on every rank). Returns (removed mask, record for the log)."""
+    """The kNN OOD filter: the nets (both DivideMix nets, or the pre-trained backbone) embed every training image,
+    the mean of their kNN scores picks the samples removed (the same on every rank). Returns (removed mask, record
+    for the log)."""
     loader = data.eval_loader(args.eval_batch_size)
     scores = sum(knn_scores(embed(net, loader, device, precision), args.ood_k) for net in nets) / len(nets)
     removed = broadcast_from_main(ood_removal(scores.cpu(), args.ood_remove))
@@ -267,7 +277,13 @@ def train(args, run, sources, device):
           f"{1 - data.clean_mask.mean():.4f} of labels noisy", flush=True)
 
     # ---- models --------------------------------------------------------------------------------------------
-    nets = [create_model(args.num_class, device, precision, args.compile, args.net_width) for _ in range(2)]
+    start_from = args.pretrained if resume is None else "none"  # a resumed run's weights come from its checkpoint
+    nets = [create_model(args.num_class, device, precision, args.compile, args.net_width, start_from, f"net{k}")
+            for k in (1, 2)]
+    # Manifold DivideMix's filter finds neighbours in the self-supervised embedding: a frozen copy of the backbone
+    embedders = nets
+    if args.ood_filter == "knn" and args.pretrained != "none":
+        embedders = [create_model(args.num_class, device, precision, width=args.net_width, pretrained=args.pretrained)]
     optimizers = [create_optimizer(net, args.lr) for net in nets]
     histories = [[], []]
     removed = None  # the OOD filter's latest removal
@@ -304,7 +320,7 @@ def train(args, run, sources, device):
             phase = "train"
             if args.ood_filter == "knn" and (epoch - args.warm_up) % args.ood_interval == 0:
                 t0 = time.perf_counter()
-                removed, extra["ood_filter"] = filter_ood(nets, data, args, device, precision)
+                removed, extra["ood_filter"] = filter_ood(embedders, data, args, device, precision)
                 extra["ood_filter"]["seconds"] = time.perf_counter() - t0
                 print(f"epoch {epoch} OOD filter: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                               for k, v in extra["ood_filter"].items()), flush=True)

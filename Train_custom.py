@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.optim as optim
 import torchvision
 
+from backbone_weights import load_backbone
 from checkpointing import atomic_write, run_state
 from cli import UserError, run_main
 import dataloader_custom
@@ -34,7 +34,7 @@ from epochs import BestWeights, end_epoch
 from flags import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
                    check_flags, defining_args, value_text)
 from imagelist import add_loader_arguments
-from PreResNet import PreActBlock, PreActResNet
+from PreResNet import PreActResNet18
 from run_folder import RunDir, run_config
 
 TORCHVISION_ARCHS = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights", "resnet50": "ResNet50_Weights"}
@@ -195,48 +195,14 @@ def resolve_settings(args):
 
 # ----------------------------------------------------------------------------- nets
 
-class PreActResNet18(PreActResNet):
-    """The CIFAR script's PreAct ResNet-18 for any input size: its last grid is averaged whole (the CIFAR model
-    pools a fixed 4 x 4 window, which only 32 x 32 inputs fill); at 32 px the two give the same outputs."""
-
-    def __init__(self, num_classes):
-        """Two PreAct blocks per stage, as PreResNet.ResNet18; the same state-dict keys."""
-        super().__init__(PreActBlock, [2, 2, 2, 2], num_classes=num_classes)
-
-    def features(self, x):
-        """The penultimate embedding (512 per image) of a batch of normalised images of any size from 16 px."""
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
-
-
-def _load_weights(net, path, arch, head):
-    """Load a state-dict file into net, all but the classifier `head`; UserError when it does not fit."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"--pretrained {path}: cannot read it as a state dict ({type(exc).__name__}); pass "
-                        f"'imagenet', 'none' or a {arch} state-dict file") from None
-    state = {k: v for k, v in state.get("state_dict", state).items() if not k.startswith(head + ".")}
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"--pretrained {path} does not fit {arch} ({str(exc).splitlines()[1].strip()}): pass a "
-                        f"{arch} state dict, or choose the --arch it was made for") from None
-    missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
-    if missing:
-        raise UserError(f"--pretrained {path} lacks {len(missing)} {arch} weights (e.g. {missing[0]}): pass a "
-                        f"{arch} state dict, or choose the --arch it was made for")
-
-
-def _torchvision_net(arch, pretrained):
+def _torchvision_net(arch, pretrained, name=None):
     """A torchvision ResNet with ImageNet weights, weights from a file, or none."""
     builder = getattr(torchvision.models, arch)
     weights = getattr(torchvision.models, TORCHVISION_ARCHS[arch]).IMAGENET1K_V1
     if pretrained != "imagenet":
         net = builder(weights=None)
         if pretrained != "none":
-            _load_weights(net, pretrained, arch, "fc")
+            load_backbone(net, pretrained, "fc", arch, name)
         return net
     try:
         return builder(weights=weights)
@@ -247,15 +213,15 @@ def _torchvision_net(arch, pretrained):
                         f"{cache}, or pass --pretrained PATH to a state dict, or --pretrained none") from None
 
 
-def create_model(arch, pretrained, num_class, device, precision):
-    """The chosen net with a new num_class-way head, on the training device, in the layout of `precision`."""
+def create_model(arch, pretrained, num_class, device, precision, name=None):
+    """The chosen net with a new num_class-way head, on the training device, in the layout of `precision`; name:
+    the net as the line saying what a --pretrained file gave it calls it."""
     if arch == "preact_resnet18":
         net = PreActResNet18(num_class)
         if pretrained != "none":
-            _load_weights(net, pretrained, arch, "linear")
-            net.linear = nn.Linear(net.linear.in_features, num_class)
+            load_backbone(net, pretrained, "linear", arch, name)
     else:
-        net = _torchvision_net(arch, pretrained)
+        net = _torchvision_net(arch, pretrained, name)
         net.fc = nn.Linear(net.fc.in_features, num_class)
     net = net.to(device)
     return net.to(memory_format=torch.channels_last) if precision.channels_last else net
@@ -350,7 +316,7 @@ def train(args, run, data, sources, device):
     print(f"data: {data.name} layout, {len(data.classes)} classes, {len(data.train)} training images{val_text}, "
           f"{len(data.test)} test; {how} on {device}"
           + (f"; {len(verified[0])} with verification labels" if verified is not None else ""), flush=True)
-    nets = [create_model(args.arch, args.pretrained, args.num_class, device, precision) for _ in range(2)]
+    nets = [create_model(args.arch, args.pretrained, args.num_class, device, precision, f"net{k}") for k in (1, 2)]
     optimizers = [optim.SGD(n.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay) for n in nets]
     cfg = DivideMixConfig.from_args(args, precision, unlabeled_loss=args.unlabeled_loss)
     probs = [None, None]  # per net: clean probability of every training image, made at the end of an epoch

@@ -170,6 +170,35 @@ def mean_over_ranks(tensor):
     return _SumOverRanks.apply(tensor) / world_size()
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equally many rows per rank whose gradient reaches every rank's own rows: the incoming
+    gradient of the gathered rows is summed over the ranks (each rank's loss uses every row), then each rank keeps
+    its own slice. DistributedDataParallel's average then gives the gradient of the mean of the ranks' losses."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        """Every rank's rows, in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows, ctx.rank = tensor.shape[0], get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        """This rank's slice of the gradient summed over the ranks."""
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows_with_grad(tensor):
+    """Every rank's rows (the same number on each) concatenated in rank order, differentiable; the tensor itself
+    in one process."""
+    if world_size() == 1:
+        return tensor
+    return _GatherRows.apply(tensor)
+
+
 def wrap_ddp(nets, device, sync_bn):
     """The nets to train: DistributedDataParallel wrappers (BatchNorm synchronised when sync_bn) with several
     processes, the nets themselves in one. SyncBatchNorm keeps the Parameter and buffer objects, so optimizers

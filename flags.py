@@ -9,16 +9,18 @@ from dataclasses import dataclass
 from cli import UserError
 
 
-def add_engine_arguments(parser):
-    """The flags every training script shares: numerics and memory layout, the division, torchrun's BatchNorm."""
+def add_engine_arguments(parser, division=True):
+    """The flags every training script shares: numerics and memory layout, the division (unless division is
+    False: a script without one), torchrun's BatchNorm."""
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast for the forwards (default: on with CUDA and on CPUs with native bf16, "
                              "e.g. AVX512_BF16 or AMX; off on other CPUs, which emulate it slowly)")
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels_last memory layout for nets and batches (no effect on results)")
-    parser.add_argument("--division", default="global", choices=("global", "classwise"),
-                        help="global: one two-component GMM over every sample's loss; classwise: a GMM per observed "
-                             "class (RSL; see docs/successors.md)")
+    if division:
+        parser.add_argument("--division", default="global", choices=("global", "classwise"),
+                            help="global: one two-component GMM over every sample's loss; classwise: a GMM per "
+                                 "observed class (RSL; see docs/successors.md)")
     parser.add_argument("--sync_bn", action=argparse.BooleanOptionalAction, default=None,
                         help="under torchrun: BatchNorm statistics of the global batch; the CPU has no "
                              "SyncBatchNorm (default: on with CUDA, off on the CPU)")

@@ -62,3 +62,18 @@ def noise_file_name(r, noise_mode, ood_ratio=0.0):
     <r>_<noise_mode>_ood<O>.json (the in-distribution noise then falls on fewer images)."""
     suffix = f"_ood{ratio_text(ood_ratio)}" if ood_ratio else ""
     return f"{ratio_text(r)}_{noise_mode}{suffix}.json"
+
+
+# SimCLR pre-training (Pretrain_simclr.py): the CIFAR recipe of SupContrast's SimCLR command (Khosla et al.,
+# github.com/HobbitLong/SupContrast, README), the implementation Contrast to Divide (C2D, Zheltonozhskii et al.,
+# WACV 2022) names for its self-supervised start. The batch size, learning rate, temperature and cosine schedule
+# are that command's flags; the rest are the defaults of its main_supcon.py (see docs/pretraining.md).
+SIMCLR_SOURCE = "SupContrast SimCLR recipe for CIFAR (C2D)"
+SIMCLR_RECIPE = {
+    "epochs": 1000, "batch_size": 1024, "lr": 0.5, "momentum": 0.9, "weight_decay": 1e-4, "temperature": 0.5,
+    "warm_epochs": 10, "warmup_from": 0.01, "lr_decay_rate": 0.1,
+    "crop_scale": (0.2, 1.0), "jitter": (0.4, 0.4, 0.4, 0.1), "jitter_p": 0.8, "grayscale_p": 0.2, "feat_dim": 128,
+}
+# The weighted kNN classifier that measures an embedding while it trains (Wu et al., CVPR 2018, instance
+# discrimination): the k most similar training images vote with weight exp(similarity / temperature).
+KNN_MONITOR = {"k": 200, "temperature": 0.1}

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from device_batches import Batches  # noqa: E402 (the project root is put on the path first)
 from distributed import Shard, gather_objects, gather_rows, get_rank, make_shard, world_size, wrap_ddp  # noqa: E402
 from dividemix import eval_train, evaluate, mixmatch, prior_penalty, warmup_epoch  # noqa: E402
+from simclr import nt_xent  # noqa: E402
 
 
 class FrozenBatchNorm(nn.BatchNorm2d):
@@ -138,11 +139,55 @@ def check_gathered_evaluation():
     assert abs(evaluate([net], loader, torch.device("cpu"))[0] - acc_ref) < 1e-9
 
 
+def nt_xent_one_process(z, temperature):
+    """NT-Xent as the SimCLR paper writes it, for rows [view 1 of n images; view 2 of the same n] in one process."""
+    n2 = z.shape[0]
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(-float("inf"))
+    return F.cross_entropy(sim, (torch.arange(n2) + n2 // 2) % n2)
+
+
+def check_nt_xent_over_ranks():
+    """NT-Xent with the negatives gathered from every rank: one SGD step of a DDP projection on two ranks (each its
+    images' two views) equals the single-process step on the global batch, loss and weights."""
+    rank, world = get_rank(), world_size()
+    g = torch.Generator().manual_seed(5)
+    images, noise = torch.randn(8, 6, generator=g), torch.randn(8, 6, generator=g)
+    views = torch.cat([images, images + 0.1 * noise])  # view 1 of the 8 images, then view 2
+
+    def projection():
+        """The same linear projection on every rank."""
+        torch.manual_seed(6)
+        return nn.Linear(6, 4)
+
+    def step(model, rows, loss_fn):
+        """One SGD step on loss_fn of the given rows' unit projections; the loss."""
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = loss_fn(F.normalize(model(rows), dim=1), 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    reference = projection()
+    single = step(reference, views, nt_xent_one_process)
+    b = 8 // world
+    own = torch.cat([views[rank * b:(rank + 1) * b], views[8 + rank * b:8 + (rank + 1) * b]])
+    net = projection()
+    local = step(wrap_ddp([net], torch.device("cpu"), sync_bn=False)[0], own, nt_xent)
+    mean = local.clone()
+    dist.all_reduce(mean)
+    assert torch.allclose(mean / world, single, atol=1e-6), (mean / world, single)
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), (name, (p - q).abs().max())
+    assert not torch.equal(net.weight, projection().weight)  # the step did change the weights
+
+
 def main():
     """Run every check on every rank; rank 0 writes the passed names."""
     dist.init_process_group("gloo")
     checks = [check_warmup_step, check_prior_penalty, check_mixing_partners, check_shard_orders, check_cifar_batches,
-              check_gathered_evaluation]
+              check_gathered_evaluation, check_nt_xent_over_ranks]
     np.random.seed(get_rank())
     torch.manual_seed(get_rank())
     passed = []

@@ -79,10 +79,11 @@ def two(data, tmp_path_factory):
 
 def test_pieces_on_two_ranks(tmp_path):
     """DDP warm-up step = single step on the whole batch, prior penalty and its gradient, mixing partners within a
-    rank, shard orders, even batches of odd sets, gathered loss evaluation and accuracy."""
+    rank, shard orders, even batches of odd sets, gathered loss evaluation and accuracy, NT-Xent's gathered
+    negatives."""
     out = tmp_path / "passed.json"
     ok(torchrun(2, os.path.join(ROOT, "tests", "dist_checks.py"), out))
-    assert len(json.loads(out.read_text())) == 6
+    assert len(json.loads(out.read_text())) == 7
 
 
 def test_two_processes_same_weights_and_divisions_on_every_rank(two):
