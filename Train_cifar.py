@@ -232,6 +232,9 @@ def save_division(path, divisions, clean_mask, p_threshold):
 def main(args):
     """Check the settings, open the run folder (lock, logs, checkpoint), then train in it."""
     sources = resolve_settings(args)
+    if args.pretrained != "none":  # a file that does not fit is refused before anything is read or written
+        with torch.random.fork_rng(devices=[]):
+            load_backbone(ResNet18(args.num_class, args.net_width), args.pretrained, "linear", "preact_resnet18")
     prefix = run_prefix(args.dataset, args.r, args.noise_mode, args.ood_ratio)
     log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
     device = init_distributed(args.gpuid)

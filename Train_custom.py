@@ -102,7 +102,9 @@ def get_args_parser():
                                      "labels of the training list)")
     p.add_argument("--food101_path", help="food101n layout: the food-101/ folder (default: beside Food-101N_release)")
     p.add_argument("--arch", choices=ARCHS, help="the net (default: preact_resnet18 for animal10n, else resnet50)")
-    p.add_argument("--pretrained", help="'imagenet' (torchvision's IMAGENET1K_V1), a state-dict file, or 'none' "
+    p.add_argument("--pretrained", help="'imagenet' (torchvision's IMAGENET1K_V1), a checkpoint file (for "
+                                        "preact_resnet18: Pretrain_simclr.py's backbone; prefixes such as module. or "
+                                        "encoder. are found), or 'none' "
                                         "(default: imagenet for the ResNets, none for preact_resnet18)")
     p.add_argument("--image_size", type=int, help="training and test size (default: 64 for animal10n, else 224 for "
                                                   "the ResNets and 32 for preact_resnet18)")

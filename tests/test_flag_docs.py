@@ -14,6 +14,7 @@ import bench
 from flags import FlagParser, help_text, shown_default
 import noise
 import plots
+import Pretrain_simclr
 import report
 import sweep
 import Train_cifar
@@ -29,6 +30,7 @@ ENTRY_POINTS = {
     "Train_clothing1M.py": Train_clothing1M.get_args_parser,
     "Train_webvision.py": Train_webvision.get_args_parser,
     "Train_custom.py": Train_custom.get_args_parser,
+    "Pretrain_simclr.py": Pretrain_simclr.get_args_parser,
     "dataloader_cifar.py": noise.get_args_parser,
     "bench.py": bench.get_args_parser,
     "report.py": report.get_args_parser,

@@ -288,12 +288,12 @@ def test_cifar_starts_from_the_backbone_and_filters_in_its_embedding(pretraining
 
 @pytest.mark.slow
 def test_a_refused_backbone_is_one_line_and_writes_no_run(pretraining, tiny_data, tmp_path):
-    out = tmp_path / "run"
+    out, noise = tmp_path / "run", tmp_path / "noise.json"
     proc = run_script("Train_cifar.py", "--data_path", tiny_data("cifar"), "--output_dir", out, *CIFAR_FAST,
-                      "--net_width", "16", "--num_epochs", 0, "--pretrained",
+                      "--net_width", "16", "--num_epochs", 0, "--noise_file", noise, "--pretrained",
                       pretraining[0] / f"{PREFIX}_backbone.pth", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "does not fit this preact_resnet18" in proc.stderr and not out.exists()
+    assert "does not fit this preact_resnet18" in proc.stderr and not out.exists() and not noise.exists()
 
 
 @pytest.mark.slow
