@@ -44,7 +44,7 @@ RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "download", 
 # is allowed: the run is then warm-up only.
 FLAG_RANGES = {**TRAIN_FLAGS, **noise.NOISE_FLAGS, "eval_batch_size": Range(1),
                "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1), "ood_k": Range(1),
-               "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1),
+               "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1), "ood_remove_step": Range(0, 1),
                "lambda_e": Range(0), "net_width": Range(1)}
 
 
@@ -99,6 +99,9 @@ def get_args_parser():
     p.add_argument("--ood_k", default=10, type=int, help="neighbours of the kNN filter")
     p.add_argument("--ood_remove", default=0.1, type=float, help="fraction of the training images the filter removes")
     p.add_argument("--ood_interval", default=10, type=int, help="epochs between filterings (first: end of warm-up)")
+    p.add_argument("--ood_remove_step", default=0.0, type=float,
+                   help="added to --ood_remove at each later filtering (Manifold DivideMix: 0.1 first, 0.01 more "
+                        "each interval)")
     p.add_argument("--mix", default="input", choices=("input", "input+embedding"),
                    help="input+embedding: also mix the penultimate embeddings (Manifold DivideMix's MixEMatch)")
     p.add_argument("--lambda_e", default=1.0, type=float, help="weight of the mixed embeddings' loss terms")
@@ -135,6 +138,10 @@ def resolve_settings(args):
     if args.ood_remove >= 1:
         raise UserError(f"--ood_remove {args.ood_remove:g} would take every training image out: give a fraction "
                         "below 1")
+    last = ood_fraction(args, args.num_epochs)
+    if args.ood_filter == "knn" and args.ood_remove_step and last >= 1:
+        raise UserError(f"--ood_remove {args.ood_remove:g} grown by --ood_remove_step {args.ood_remove_step:g} would "
+                        f"reach {last:g} by epoch {args.num_epochs}, every training image: give a smaller step")
     if args.num_class < NUM_CLASSES[args.dataset]:
         raise UserError(f"--num_class {args.num_class} is below the {NUM_CLASSES[args.dataset]} "
                         f"classes of {args.dataset}: drop the flag, it follows --dataset")
@@ -204,13 +211,19 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     return records, timing
 
 
-def filter_ood(nets, data, args, device, precision):
+def ood_fraction(args, epoch):
+    """The fraction the kNN filter removes at a filtering epoch: --ood_remove, grown by --ood_remove_step at each
+    filtering after the first."""
+    return args.ood_remove + max(epoch - args.warm_up, 0) // args.ood_interval * args.ood_remove_step
+
+
+def filter_ood(nets, data, args, device, precision, fraction):
     """The kNN OOD filter: the nets (both DivideMix nets, or the pre-trained backbone) embed every training image,
     the mean of their kNN scores picks the samples removed (the same on every rank). Returns (removed mask, record
     for the log)."""
     loader = data.eval_loader(args.eval_batch_size)
     scores = sum(knn_scores(embed(net, loader, device, precision), args.ood_k) for net in nets) / len(nets)
-    removed = broadcast_from_main(ood_removal(scores.cpu(), args.ood_remove))
+    removed = broadcast_from_main(ood_removal(scores.cpu(), fraction))
     record = {"removed": int(removed.sum())}
     if data.ood_mask is not None:  # open-set noise: how many of the removed images were out of distribution
         hits = int((removed & data.ood_mask).sum())
@@ -323,7 +336,8 @@ def train(args, run, sources, device):
             phase = "train"
             if args.ood_filter == "knn" and (epoch - args.warm_up) % args.ood_interval == 0:
                 t0 = time.perf_counter()
-                removed, extra["ood_filter"] = filter_ood(embedders, data, args, device, precision)
+                removed, extra["ood_filter"] = filter_ood(embedders, data, args, device, precision,
+                                                          ood_fraction(args, epoch))
                 extra["ood_filter"]["seconds"] = time.perf_counter() - t0
                 print(f"epoch {epoch} OOD filter: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                               for k, v in extra["ood_filter"].items()), flush=True)

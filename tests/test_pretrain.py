@@ -204,6 +204,17 @@ def test_refusals_name_the_problem(tmp_path):
     assert "holds no tensors" in load({"model": "x", "epoch": 3})
 
 
+def test_growing_removal_follows_the_filterings_and_may_not_reach_every_image():
+    args = Train_cifar.get_args_parser().parse_args(["--ood_filter", "knn", "--ood_remove_step", "0.01",
+                                                     "--ood_interval", "10"])
+    Train_cifar.resolve_settings(args)  # warm-up 10: filterings at epochs 10, 20, ...
+    assert [Train_cifar.ood_fraction(args, e) for e in (10, 19, 20, 300)] == pytest.approx([0.1, 0.1, 0.11, 0.39])
+    args = Train_cifar.get_args_parser().parse_args(["--ood_filter", "knn", "--ood_remove_step", "0.05",
+                                                     "--ood_interval", "10"])
+    with pytest.raises(UserError, match="would reach 1.55 by epoch 300"):
+        Train_cifar.resolve_settings(args)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
@@ -260,29 +271,32 @@ def test_two_processes_pretrain_on_the_global_batch(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_cifar_starts_from_the_backbone_and_filters_in_its_embedding(pretraining, tiny_data, tmp_path):
     """Both nets start from the backbone (renamed here as a published file would be); the kNN filter's removals are
-    those of the pre-trained embedding; --pretrained defines the run for --resume."""
+    those of the pre-trained embedding, growing by --ood_remove_step; --pretrained defines the run for --resume."""
     backbone = torch.load(pretraining[0] / f"{PREFIX}_backbone.pth", weights_only=True)["state_dict"]
     renamed = tmp_path / "renamed.pth"
     torch.save({"model": {f"module.encoder.{k}": v for k, v in backbone.items()}}, renamed)
     data, out = tiny_data("cifar"), tmp_path / "run"
-    args = ["--data_path", data, "--output_dir", out, *CIFAR_FAST, "--ood_filter", "knn", "--ood_interval", "1"]
-    proc = run_script("Train_cifar.py", *args, "--num_epochs", 1, "--pretrained", renamed)
+    args = ["--data_path", data, "--output_dir", out, *CIFAR_FAST, "--ood_filter", "knn", "--ood_interval", "1",
+            "--ood_remove_step", "0.05"]
+    proc = run_script("Train_cifar.py", *args, "--num_epochs", 2, "--pretrained", renamed)
     assert (f"net1: {BACKBONE_TENSORS} backbone tensors loaded from {renamed} (key prefix 'module.encoder.' removed)"
             in proc.stdout) and "net2: " in proc.stdout
     assert json.loads((out / "cifar10_0.5_sym_config.json").read_text())["args"]["pretrained"] == str(renamed)
 
-    # the removals of epoch 1: the 10% of training images farthest from their neighbours in the backbone's embedding
+    # the removals of epochs 1 and 2: the 10%, then 15% of the training images farthest from their neighbours in the
+    # backbone's embedding
     net = ResNet18(num_classes=10, width=8)
     net.load_state_dict(backbone, strict=False)
     train_x, clean, test_x, test_y = read_cifar(data, "cifar10")
     images = CIFARData(train_x, clean, clean, test_x, test_y, "cifar10", CPU)
     precision = Precision(channels_last=True)
     features = embed(net.to(memory_format=torch.channels_last), images.eval_loader(64), CPU, precision)
-    expected = ood_removal(knn_scores(features, 10), 0.1)
+    records = json_records(out / "cifar10_0.5_sym_log.jsonl")
+    assert [r["ood_filter"]["removed"] for r in records[1:]] == [6, 9]  # int(0.1 x 64), int(0.15 x 64)
     checkpoint = torch.load(out / "cifar10_0.5_sym_checkpoint.pth.tar", weights_only=False)
-    assert np.array_equal(checkpoint["ood_removed"], expected)
+    assert np.array_equal(checkpoint["ood_removed"], ood_removal(knn_scores(features, 10), 0.15))
 
-    proc = run_script("Train_cifar.py", *args, "--num_epochs", 2, "--resume", check=False)
+    proc = run_script("Train_cifar.py", *args, "--num_epochs", 3, "--resume", check=False)
     assert proc.returncode == 2 and "--resume checkpoint was made with --pretrained" in proc.stderr
 
 
