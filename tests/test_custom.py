@@ -270,7 +270,7 @@ def test_preact_resnet18_of_any_size_equals_the_cifar_net_at_32_px(tmp_path):
     torch.save(cifar.state_dict(), tmp_path / "w.pth")
     loaded = Train_custom.create_model("preact_resnet18", str(tmp_path / "w.pth"), 3, CPU, Precision())
     assert torch.equal(loaded.conv1.weight, cifar.conv1.weight) and loaded.linear.out_features == 3
-    with pytest.raises(UserError, match="does not fit resnet18|lacks .* resnet18 weights"):
+    with pytest.raises(UserError, match="does not fit this resnet18: conv1.weight is 64x3x3x3 there and 64x3x7x7"):
         Train_custom.create_model("resnet18", str(tmp_path / "w.pth"), 3, CPU, Precision())
 
 
