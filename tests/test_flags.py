@@ -20,6 +20,7 @@ from fake_cifar import write_fake_cifar
 from flags import SEED, TRAIN_FLAGS, Range, check_flags, check_value, defining_args
 import noise
 from presets import PAPER_PRESETS
+import Pretrain_simclr
 import Train_cifar
 import Train_clothing1M
 import Train_custom
@@ -49,6 +50,8 @@ SCRIPTS = {
                            Train_webvision.FLAG_RANGES),
     "dataloader_cifar.py": (noise.get_args_parser, _validate_noise_command, noise.NOISE_FLAGS),
     "bench.py": (bench.get_args_parser, lambda a: check_flags(a, bench.FLAG_RANGES), bench.FLAG_RANGES),
+    "Pretrain_simclr.py": (Pretrain_simclr.get_args_parser, Pretrain_simclr.resolve_settings,
+                           Pretrain_simclr.FLAG_RANGES),
 }
 TRAINING = ("Train_cifar.py", "Train_clothing1M.py", "Train_webvision.py")
 
@@ -102,6 +105,16 @@ SPECIFIC_BAD = {
         ("r", "2", "--r 2.0 is outside [0, 1]"),
         ("r", "inf", "--r inf is not allowed: give a number in [0, 1]"),
     ],
+    "Pretrain_simclr.py": [
+        ("epochs", "0", "--epochs 0 is not allowed: give an integer >= 1"),
+        ("batch_size", "1", "--batch_size 1 is not allowed: give an integer >= 2 (NT-Xent needs two images)"),
+        ("temperature", "0", "--temperature 0.0 is not allowed: give a number > 0"),
+        ("crop_min_scale", "0", "--crop_min_scale 0.0 is outside (0, 1]: give a number in that range"),
+        ("momentum", "1.5", "--momentum 1.5 is outside [0, 1]"),
+        ("warm_epochs", "-1", "--warm_epochs -1 is not allowed: give an integer >= 0"),
+        ("knn_k", "0", "--knn_k 0 is not allowed: give an integer >= 1"),
+        ("image_size", "8", "--image_size 8 is not allowed: give an integer >= 16"),
+    ],
     "bench.py": [
         ("num_train", "15", "--num_train 15 is not allowed: give an integer >= 16"),
         ("num_test", "0", "--num_test 0 is not allowed: give an integer >= 1"),
@@ -125,6 +138,8 @@ GOOD = {
     "Train_webvision.py": [["--warm_up", "100", "--num_epochs", "3"], ["--image_size", "107"], ["--seed", "0"]],
     "dataloader_cifar.py": [["--r", "0"], ["--r", "1"], ["--seed", "4294967295"]],
     "bench.py": [["--num_train", "16"], ["--epochs", "1"], ["--num_workers", "0"]],
+    "Pretrain_simclr.py": [["--batch_size", "2"], ["--crop_min_scale", "1"], ["--warm_epochs", "0"],
+                           ["--dataset", "custom", "--image_size", "16"]],
 }
 
 
