@@ -138,6 +138,18 @@ def test_cut_last_log_line_and_foreign_config(tmp_path):
     assert float(rows[0]["best_mean"]) == 40.0
 
 
+def test_the_projects_unreported_runs_are_passed_by_quietly(tmp_path, capsys):
+    """A sweep root may hold a pre-training or a Train_custom.py run: no row and no warning for them; a foreign
+    config still gets its warning."""
+    runs = tmp_path / "runs"
+    write_cifar_run(str(runs / "a"), r=0.5, accs=[10, 20], num_epochs=1, n_samples=50)
+    for name, script in (("simclr", "Pretrain_simclr.py"), ("custom", "Train_custom.py"), ("x", "other.py")):
+        (runs / f"{name}_config.json").write_text(json.dumps({"script": script, "args": {}}))
+    assert [run.kind for run in rundirs.find_runs([str(runs)])] == ["cifar"]
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 1 and "x_config.json was not written by a training script" in warnings[0]
+
+
 def test_no_runs_is_a_user_error(tmp_path, capsys):
     """An empty folder or a missing path: one line on stderr, exit code 2."""
     (tmp_path / "empty").mkdir()
