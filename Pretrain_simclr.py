@@ -10,9 +10,9 @@ is written every epoch to <prefix>_backbone.pth for --pretrained. Each epoch log
 the backbone's features on the test set (the training labels vote: a quick measure of the embedding, no training
 on labels). See docs/pretraining.md.
 """
-import os
 import sys
 import time
+from collections import namedtuple
 
 import torch
 import torch.optim as optim
@@ -130,23 +130,27 @@ def resolve_settings(args):
     return sources
 
 
+# The images as uint8 tensors N x 3 x S x S with their labels (the kNN measure's only use of them), the class
+# count, the normalisation of the training script that loads the backbone, and where the data came from.
+PretrainData = namedtuple("PretrainData", "train_x train_y test_x test_y num_class mean std where")
+
+
 def read_data(args):
-    """Training and test images as uint8 tensors N x 3 x S x S, their labels (used by the kNN measure only), the
-    class count, the normalisation of the training script that loads the backbone, and a description."""
+    """The training and test images of CIFAR's files or of a Train_custom.py layout (decoded at --image_size)."""
     if args.dataset != "custom":
         on_main(cifar_files.ensure_data, args.data_path, args.dataset, args.download)
-        train_x, train_y, test_x, test_y = cifar_files.read_cifar(args.data_path, args.dataset)
-        mean, std = dataloader_cifar.MEAN_STD[args.dataset]
-        images = [torch.as_tensor(x) for x in (train_x, test_x)]
-        return images, [torch.as_tensor(y) for y in (train_y, test_y)], NUM_CLASSES[args.dataset], (mean, std), \
-            f"{args.dataset} in {args.data_path}"
+        train_x, train_y, test_x, test_y = (torch.as_tensor(a) for a in cifar_files.read_cifar(args.data_path,
+                                                                                             args.dataset))
+        return PretrainData(train_x, train_y, test_x, test_y, NUM_CLASSES[args.dataset],
+                            *dataloader_cifar.MEAN_STD[args.dataset], f"{args.dataset} in {args.data_path}")
     data = on_main(dataloader_custom.read_layout, args.layout, args.data_path, args.train_list, args.test_list, None,
                    args.classes, args.food101_path)
     bad = BadImages(args.max_bad_images)
-    decoded = [dataloader_custom.decode_split(split, args.image_size, args.num_workers, bad, drop)
-               for split, drop in ((data.train, False), (data.test, True))]
-    return ([d[0] for d in decoded], [d[1] for d in decoded], len(data.classes),
-            (dataloader_custom.MEAN, dataloader_custom.STD), f"{data.name} layout in {args.data_path}")
+    (train_x, train_y), (test_x, test_y) = (dataloader_custom.decode_split(split, args.image_size, args.num_workers,
+                                                                           bad, drop_bad)
+                                            for split, drop_bad in ((data.train, False), (data.test, True)))
+    return PretrainData(train_x, train_y, test_x, test_y, len(data.classes), dataloader_custom.MEAN,
+                        dataloader_custom.STD, f"{data.name} layout in {args.data_path}")
 
 
 def main(args):
@@ -172,12 +176,13 @@ def pretrain(args, run, sources, device):
     seed_process(args.seed)
 
     # ---- data ----------------------------------------------------------------------------------------------
-    (train_x, test_x), (train_y, test_y), num_class, (mean, std), where = read_data(args)
+    data = read_data(args)
+    train_y, test_y, where = data.train_y, data.test_y, data.where
     run.check_labels(resume, defining, train_y.numpy(), where)
-    if len(train_x) < 2:
-        raise UserError(f"{where} gives {len(train_x)} training image: NT-Xent needs at least two")
-    train_x, test_x = train_x.to(device), test_x.to(device)
-    mean_t, std_t = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
+    if len(data.train_x) < 2:
+        raise UserError(f"{where} gives {len(data.train_x)} training image: NT-Xent needs at least two")
+    train_x, test_x = data.train_x.to(device), data.test_x.to(device)
+    mean_t, std_t = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (data.mean, data.std))
     shard = make_shard(args.seed)
     views = Batches(lambda i: train_x[i], torch.arange(len(train_x), device=device), args.batch_size, True, shard)
 
@@ -191,7 +196,7 @@ def pretrain(args, run, sources, device):
           f"from {where}, {args.image_size} px, on {device}", flush=True)
 
     # ---- model ---------------------------------------------------------------------------------------------
-    backbone = PreActResNet18(num_class, width=args.net_width)
+    backbone = PreActResNet18(data.num_class, width=args.net_width)
     model = SimCLRNet(backbone).to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -218,7 +223,7 @@ def pretrain(args, run, sources, device):
         sync_buffers([model])
         t0 = time.perf_counter()
         knn = knn_accuracy(embed(backbone, train_eval, device, precision), train_y,
-                           embed(backbone, test_eval, device, precision), test_y, num_class, k=args.knn_k)
+                           embed(backbone, test_eval, device, precision), test_y, data.num_class, k=args.knn_k)
         timing["knn"] = time.perf_counter() - t0
         if run.main:  # the backbone alone, the file --pretrained takes (atomic: a stop leaves the last whole one)
             atomic_save({"state_dict": backbone.state_dict(), "arch": "preact_resnet18", "net_width": args.net_width,
