@@ -44,7 +44,8 @@ RESUME_MAY_CHANGE = ("num_epochs", "output_dir", "resume", "gpuid", "download", 
 # is allowed: the run is then warm-up only.
 FLAG_RANGES = {**TRAIN_FLAGS, **noise.NOISE_FLAGS, "eval_batch_size": Range(1),
                "save_loss_every": Range(0, note="0: never"), "loss_window": Range(1), "ood_k": Range(1),
-               "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1), "ood_remove_step": Range(0, 1),
+               "ood_remove": Range(0, 1, note="a fraction of the training images, below 1"), "ood_interval": Range(1),
+               "ood_remove_step": Range(0, 1),
                "lambda_e": Range(0), "net_width": Range(1)}
 
 

@@ -73,6 +73,6 @@ def load_backbone(net, path, classifier, arch, name=None):
     net.load_state_dict({own_name: tensors[key] for own_name, key in names.items()}, strict=False)
     if name is not None:
         removed = f" (key prefix {prefix!r} removed)" if prefix else ""
-        print(f"{name}: {len(names)} backbone tensors loaded from {path}{removed}; the classifier ({classifier}) starts "
-              "afresh", flush=True)
+        print(f"{name}: {len(names)} backbone tensors loaded from {path}{removed}; the classifier ({classifier}) "
+              "starts afresh", flush=True)
     return len(names), prefix
