@@ -27,7 +27,7 @@ from distributed import (check_sync_bn, init_distributed, is_main_process, local
                          seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import Precision, embed
 from flags import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, FlagParser, Range, add_engine_arguments,
-                   add_resume_argument, check_flags, defining_args)
+                   add_resume_argument, add_tensorboard_argument, check_flags, defining_args)
 from imagelist import BadImages, add_loader_arguments
 from presets import KNN_MONITOR, NUM_CLASSES, SIMCLR_RECIPE, SIMCLR_SOURCE
 from PreResNet import PreActResNet18
@@ -94,6 +94,7 @@ def get_args_parser():
     p.add_argument("--gpuid", default=0, type=int, help="CUDA device when CUDA is available (ignored under torchrun)")
     p.add_argument("--output_dir", default="./checkpoint", help="logs, checkpoint and the backbone go here")
     add_resume_argument(p)
+    add_tensorboard_argument(p)
     add_loader_arguments(p)  # --num_workers, --max_bad_images (custom data)
     add_engine_arguments(p, division=False)  # --amp, --channels_last, --sync_bn
     return p
@@ -159,7 +160,8 @@ def main(args):
     device = init_distributed(args.gpuid)
     local_batch_size(args.batch_size)
     log_names = {"acc": args.id + "_acc.txt", "json": args.id + "_log.jsonl"}
-    with RunDir(args.output_dir, args.id, log_names, carried=("_backbone.pth",), main=is_main_process()) as run:
+    with RunDir(args.output_dir, args.id, log_names, carried=("_backbone.pth",), main=is_main_process(),
+                tensorboard=args.tensorboard) as run:
         pretrain(args, run, sources, device)
     return 0
 
@@ -230,10 +232,9 @@ def pretrain(args, run, sources, device):
                          "image_size": args.image_size, "epoch": epoch, "knn_acc": knn}, backbone_path)
         seconds = time.perf_counter() - t_epoch
         run.logs.write("acc", "Epoch:%d   kNN Accuracy:%.2f   Loss:%.4f\n" % (epoch, knn, record["loss"]))
-        run.logs.write_json("json", json_safe({"epoch": epoch, "phase": "simclr", "lr": record["lr"],
-                                               "loss": record["loss"], "knn_acc": knn,
-                                               "iterations": record["iterations"], "seconds": seconds,
-                                               "time": timing}))
+        run.record_epoch(json_safe({"epoch": epoch, "phase": "simclr", "lr": record["lr"], "loss": record["loss"],
+                                    "knn_acc": knn, "iterations": record["iterations"], "seconds": seconds,
+                                    "time": timing}))
         print(f"epoch {epoch:3d} simclr loss {record['loss']:.4f}  kNN {knn:6.2f}%  lr {record['lr']:.4g}  "
               f"{seconds:.1f}s", flush=True)
         run.save(run_state(epoch, defining, args, [model], [optimizer]))

@@ -24,8 +24,8 @@ from distributed import (broadcast_from_main, check_sync_bn, init_distributed, i
 from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmup, embed, evaluate, gmm_summary,
                        knn_scores, ood_removal, set_learning_rate)
 from epochs import end_epoch
-from flags import (TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument, check_flags,
-                   defining_args)
+from flags import (TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
+                   add_tensorboard_argument, check_flags, defining_args)
 import noise
 from PreResNet import ResNet18
 from presets import (CIFARN_MODES, CIFARN_PRESET, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix,
@@ -80,6 +80,7 @@ def get_args_parser():
                         "5 at r = 0.9, else 1)")
     p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs and checkpoint go here")
     add_resume_argument(p)
+    add_tensorboard_argument(p)
     p.add_argument("--download", action="store_true", help="fetch CIFAR into --data_path if it is absent")
     p.add_argument("--save_loss_every", default=10, type=int,
                    help="save per-sample losses and GMM every N co-divide epochs for plots (0: never)")
@@ -170,7 +171,8 @@ def create_optimizer(net, lr):
 
 def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device, logs, loss_dir,
                     removed=None):
-    """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records.
+    """Loss evaluation and GMM per net, then each net trained on the other's division. Returns per-net records,
+    the timings and each net's clean probabilities.
 
     nets are evaluated as they are; train_nets (their DistributedDataParallel wrappers with several processes)
     are trained. Every rank holds the gathered losses; rank 0 fits the GMMs and gives every rank its divisions.
@@ -209,7 +211,7 @@ def co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, a
     timing.update(train_timing)
     for k, result in enumerate(results):
         records[k].update(result, gmm=gmm_summary(divisions[k][2]))
-    return records, timing
+    return records, timing, [d[0] for d in divisions]
 
 
 def ood_fraction(args, epoch):
@@ -253,7 +255,7 @@ def main(args):
     log_names = {"acc": prefix + "_acc.txt", "stats": prefix + "_stats.txt", "json": prefix + "_log.jsonl"}
     device = init_distributed(args.gpuid)
     local_batch_size(args.batch_size)
-    with RunDir(args.output_dir, prefix, log_names, main=is_main_process()) as run:
+    with RunDir(args.output_dir, prefix, log_names, main=is_main_process(), tensorboard=args.tensorboard) as run:
         train(args, run, sources, device)
     return 0
 
@@ -327,6 +329,7 @@ def train(args, run, sources, device):
             shard.start_epoch(epoch)
         lr = [set_learning_rate(opt, args.lr, epoch, LR_DECAY_EPOCH) for opt in optimizers][0]
         extra = {}  # the epoch's further log entries (the OOD filter's)
+        probs = None  # each net's clean probabilities, made in a co-divide epoch
         if epoch < args.warm_up:
             phase = "warmup"
             records, timing = co_warmup(epoch, train_nets, optimizers,
@@ -342,8 +345,8 @@ def train(args, run, sources, device):
                 extra["ood_filter"]["seconds"] = time.perf_counter() - t0
                 print(f"epoch {epoch} OOD filter: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                               for k, v in extra["ood_filter"].items()), flush=True)
-            records, timing = co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args, device,
-                                              run.logs, loss_dir, removed)
+            records, timing, probs = co_divide_epoch(epoch, nets, train_nets, optimizers, histories, data, cfg, args,
+                                                     device, run.logs, loss_dir, removed)
         sync_buffers(nets)
         t0 = time.perf_counter()
         acc = evaluate(nets, test_loader, device, precision=precision)[0]
@@ -357,7 +360,7 @@ def train(args, run, sources, device):
         state = {"ood_removed": removed} if args.ood_filter != "none" else {}
         end_epoch(run, epoch, phase, lr, t_epoch, f"test {acc:6.2f}%", records, timing,
                   run_state(epoch, defining, args, nets, optimizers, histories=histories, **state),
-                  scores={"test_acc": acc}, extra=extra, details=details)
+                  scores={"test_acc": acc}, extra=extra, details=details, probs=probs)
 
 
 if __name__ == "__main__":

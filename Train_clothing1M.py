@@ -26,7 +26,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        set_learning_rate)
 from epochs import BestWeights, end_epoch
 from flags import (AT_LEAST_ONE, NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments,
-                   add_resume_argument, check_flags, defining_args)
+                   add_resume_argument, add_tensorboard_argument, check_flags, defining_args)
 from imagelist import add_loader_arguments
 from run_folder import RunDir, run_config
 
@@ -68,6 +68,7 @@ def get_args_parser():
     p.add_argument("--warm_up", default=1, type=int, help="warm-up epochs")
     p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs, weights and checkpoint go here")
     add_resume_argument(p)
+    add_tensorboard_argument(p)
     p.add_argument("--pretrained", default="imagenet",
                    help="'imagenet' (torchvision's IMAGENET1K_V1 weights), a state-dict file, or 'none'")
     p.add_argument("--image_size", default=224, type=int, help="crop size (resize = size * 256 / 224); paper: 224")
@@ -110,7 +111,8 @@ def main(args):
     device = init_distributed(args.gpuid)
     local_batch_size(args.batch_size)
     with RunDir(args.output_dir, args.id, {"acc": args.id + ".txt", "json": args.id + "_log.jsonl"},
-                carried=("_net1.pth.tar", "_net2.pth.tar"), main=is_main_process()) as run:
+                carried=("_net1.pth.tar", "_net2.pth.tar"), main=is_main_process(),
+                tensorboard=args.tensorboard) as run:
         train(args, run, device)
     return 0
 
@@ -200,7 +202,7 @@ def train(args, run, device):
                             bad_images=data.bad_images.state()),
                   scores={"val_acc1": accs[0], "val_acc2": accs[1]}, extra=data.bad_images.epoch_record(),
                   details=f"  labeled {records[0]['labeled']}/{records[1]['labeled']} of the next draws  bad images "
-                          f"{data.bad_images.count}")
+                          f"{data.bad_images.count}", probs=[d[1] for d in divisions])
 
     # ---- test: the two best-validation nets together -------------------------------------------------------
     best.load_into(nets, device)

@@ -32,7 +32,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        gmm_summary, predict, set_learning_rate)
 from epochs import BestWeights, end_epoch
 from flags import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
-                   check_flags, defining_args, value_text)
+                   add_tensorboard_argument, check_flags, defining_args, value_text)
 from imagelist import add_loader_arguments
 from PreResNet import PreActResNet18
 from run_folder import RunDir, run_config
@@ -144,6 +144,7 @@ def get_args_parser():
     p.add_argument("--output_dir", default="./checkpoint", type=str,
                    help="logs, weights, checkpoint and label review go here")
     add_resume_argument(p)
+    add_tensorboard_argument(p)
     add_loader_arguments(p)  # --num_workers, --max_bad_images
     add_engine_arguments(p)  # --amp, --channels_last, --division, --sync_bn
     return p
@@ -281,7 +282,7 @@ def main(args):
     args.num_class = len(data.classes)
     log_names = {"acc": args.id + "_acc.txt", "json": args.id + "_log.jsonl"}
     with RunDir(args.output_dir, args.id, log_names, carried=("_net1.pth.tar", "_net2.pth.tar"),
-                main=is_main_process()) as run:
+                main=is_main_process(), tensorboard=args.tensorboard) as run:
         train(args, run, data, sources, device)
     return 0
 
@@ -389,7 +390,7 @@ def train(args, run, data, sources, device):
                             classes=data.classes, bad_images=feed.bad_images.state()),
                   scores=scores, extra=feed.bad_images.epoch_record(),
                   details=f"  labeled {records[0]['labeled']}/{records[1]['labeled']} of {len(data.train)} for the "
-                          f"next epoch{auc}  bad images {feed.bad_images.count}")
+                          f"next epoch{auc}  bad images {feed.bad_images.count}", probs=probs)
 
     # ---- the label review (last division, last nets), then the test ----------------------------------------
     logits, _ = predict(nets, feed.eval_loader, device, precision)

@@ -22,7 +22,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        set_learning_rate)
 from epochs import end_epoch
 from flags import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
-                   check_flags, defining_args)
+                   add_tensorboard_argument, check_flags, defining_args)
 from imagelist import add_loader_arguments
 from InceptionResNetV2 import InceptionResNetV2
 from run_folder import RunDir, run_config
@@ -65,6 +65,7 @@ def get_args_parser():
     p.add_argument("--warm_up", default=1, type=int, help="warm-up epochs")
     p.add_argument("--output_dir", default="./checkpoint", type=str, help="logs and checkpoint go here")
     add_resume_argument(p)
+    add_tensorboard_argument(p)
     p.add_argument("--train_crop", default="random_resized", choices=TRAIN_CROPS,
                    help="random_resized (the original code now) or center (behind the published numbers)")
     p.add_argument("--image_size", default=299, type=int, help="crop size (resize = size * 320 / 299); paper: 299")
@@ -85,7 +86,7 @@ def main(args):
     device = init_distributed(args.gpuid)
     local_batch_size(args.batch_size)
     log_names = {"acc": args.id + "_acc.txt", "stats": args.id + "_stats.txt", "json": args.id + "_log.jsonl"}
-    with RunDir(args.output_dir, args.id, log_names, main=is_main_process()) as run:
+    with RunDir(args.output_dir, args.id, log_names, main=is_main_process(), tensorboard=args.tensorboard) as run:
         train(args, run, device)
     return 0
 
@@ -163,7 +164,7 @@ def train(args, run, device):
                   run_state(epoch, defining, args, nets, optimizers, probs=probs, bad_images=data.bad_images.state()),
                   scores={"webvision_top1": web1, "webvision_top5": web5, "imagenet_top1": img1,
                           "imagenet_top5": img5},
-                  extra=data.bad_images.epoch_record(), details=f"  bad images {data.bad_images.count}")
+                  extra=data.bad_images.epoch_record(), details=f"  bad images {data.bad_images.count}", probs=probs)
 
 
 if __name__ == "__main__":

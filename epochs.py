@@ -10,16 +10,18 @@ from utils import json_safe
 
 
 def end_epoch(run, epoch, phase, lr, t_epoch, shown, records, timing, checkpoint, scores=None, extra=None,
-              details=""):
+              details="", probs=None):
     """Write the epoch's JSON record, print its summary line and save the checkpoint.
 
     shown: the scores as the summary line shows them; scores: the same for the JSON record, before the nets'
     records; extra: further entries after them; details: the end of the summary line. checkpoint: run_state's
-    state after this epoch (built on every rank: under torchrun it is a collective)."""
+    state after this epoch (built on every rank: under torchrun it is a collective). probs: each net's clean
+    probabilities of a co-divide in this epoch, histograms with --tensorboard."""
     seconds = time.perf_counter() - t_epoch
-    run.logs.write_json("json", json_safe({"epoch": epoch, "phase": phase, "lr": lr, **(scores or {}),
-                                           "net1": records[0], "net2": records[1], **(extra or {}),
-                                           "seconds": seconds, "time": timing}))
+    histograms = {f"net{k}/clean_prob": p for k, p in enumerate(probs or (), 1) if p is not None}
+    run.record_epoch(json_safe({"epoch": epoch, "phase": phase, "lr": lr, **(scores or {}), "net1": records[0],
+                                "net2": records[1], **(extra or {}), "seconds": seconds, "time": timing}),
+                     histograms)
     print(f"epoch {epoch:3d} {phase:6s} {shown}  lr {lr:g}  {seconds:.1f}s{details}", flush=True)
     run.save(checkpoint)
 

@@ -74,6 +74,14 @@ def add_resume_argument(parser):
                              "(default: off: a fresh start, refused where --output_dir holds a checkpoint of the run)")
 
 
+def add_tensorboard_argument(parser):
+    """--tensorboard, as every training script takes it."""
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write each epoch's numbers (and each co-divide's clean probabilities) as "
+                             "TensorBoard events in <output_dir>/tensorboard/<run prefix>; needs the optional "
+                             "tensorboard package")
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse with the project's error style: one `error: ...` line and exit code 2, no usage block; --help
     shows every flag's default."""
@@ -163,7 +171,12 @@ def check_flags(args, table):
             check_value(name, value, allowed)
 
 
+# Flags of every script that never define a run: what is written beside it for watching it.
+WATCHING_FLAGS = ("tensorboard",)
+
+
 def defining_args(args, may_change):
     """The flags that define a run, as --resume compares them with its checkpoint's: every flag except those in
-    may_change (where files are, how long and how fast it runs), so that a new flag defines the run by default."""
-    return {name: value for name, value in vars(args).items() if name not in may_change}
+    may_change (where files are, how long and how fast it runs) and WATCHING_FLAGS, so that a new flag defines the
+    run by default."""
+    return {name: value for name, value in vars(args).items() if name not in (*may_change, *WATCHING_FLAGS)}

@@ -16,6 +16,7 @@ from checkpointing import (WRITE_ERRNOS, CheckpointWriter, atomic_json, atomic_w
 from cli import STOP_SIGNALS, Interrupted, UserError, see_doc
 from distributed import on_main, restart_count, world_size
 from rundirs import LOSSES_SUFFIX, loss_snapshots, restartable
+import tensorboard_log
 
 # Where the refusals of --resume and of a fresh start over a run are explained.
 RESUME_DOC = see_doc("Resume")
@@ -142,11 +143,13 @@ class RunDir:
     kept and the command that continues.
     """
 
-    def __init__(self, folder, prefix, log_names, carried=(), main=True):
+    def __init__(self, folder, prefix, log_names, carried=(), main=True, tensorboard=False):
         """folder: --output_dir; prefix: the run's file-name prefix; log_names: key -> file name in folder, "json"
         among them; carried: suffixes of the run's other files that a continuation in another folder needs;
-        main: whether this process writes (rank 0); other ranks only read the checkpoint rank 0 chose."""
+        main: whether this process writes (rank 0); other ranks only read the checkpoint rank 0 chose;
+        tensorboard: also write each epoch's record as TensorBoard events (--tensorboard)."""
         self.folder, self.prefix, self.main = folder, prefix, main
+        self.tensorboard, self.board = tensorboard and main, None
         self.carried = ("_config.json",) + tuple(carried)
         self.logs = RunLogs({k: os.path.join(folder, name) for k, name in log_names.items()}, enabled=main)
         self.ckpt_path = self.path("_checkpoint.pth.tar")
@@ -173,6 +176,8 @@ class RunDir:
         """Check that the folder is usable, take the lock, remove this run's stale temporary files (rank 0 only)."""
         if not self.main:
             return self
+        if self.tensorboard:
+            tensorboard_log.check_installed()
         # What this start creates, so that a refusal before the run writes anything takes it away again.
         self.created_folders = _missing_folders(self.folder)
         try:
@@ -261,6 +266,8 @@ class RunDir:
             except Exception as err:  # the write failed: keep the last good checkpoint, report below
                 write_error = err
             self.logs.close()
+            if self.board is not None:
+                self.board.close()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -459,6 +466,8 @@ class RunDir:
         self.wrote = True
         atomic_json(config, self.config_path)
         self.logs.start()
+        if self.tensorboard:
+            self.board = tensorboard_log.Board(self.folder, self.prefix, 0)
 
     def restore(self, checkpoint, nets, optimizers):
         """Continue: nets, optimizers, logs cut back to (or copied up to) the checkpoint, RNG states. Next epoch."""
@@ -493,10 +502,19 @@ class RunDir:
                   "up to that epoch and its " + ", ".join(s.lstrip("_") for s in self.carried) + " were copied",
                   flush=True)
         self.logs.resume(described)
+        if self.tensorboard:  # events of epochs after the checkpoint's are purged
+            self.board = tensorboard_log.Board(self.folder, self.prefix, checkpoint["epoch"] + 1)
         restore_rng(checkpoint, checkpoint["args"]["seed"])
         self.kept_epoch = checkpoint["epoch"]
         print(f"resumed from epoch {checkpoint['epoch']}", flush=True)
         return checkpoint["epoch"] + 1
+
+    def record_epoch(self, record, histograms=None):
+        """An epoch's JSON record into the JSON log, and with --tensorboard its numbers and histograms ({tag:
+        array}) as events."""
+        self.logs.write_json("json", record)
+        if self.board is not None:
+            self.board.epoch(record, histograms)
 
     def save(self, state):
         """Write the checkpoint of state["epoch"] in the background; the one it replaces becomes the previous."""

@@ -111,8 +111,9 @@ def run_contents(folder):
     """What two runs must have equal, file by file: every log line (timings aside), the checkpoint (weights,
     optimizers, divisions, random states), the best weights and the saved losses, tensors as digests. Small next to
     the folder: a test may keep it and delete a run of large checkpoints before making the one it compares to."""
-    # not compared: the lock, temporary files, the config (it names the folder) and the fallback checkpoint
-    skip = ("_config.json", "_checkpoint_prev.pth.tar")
+    # not compared: the lock, temporary files, the config (it names the folder), the fallback checkpoint and the
+    # TensorBoard events (they hold wall-clock times)
+    skip = ("_config.json", "_checkpoint_prev.pth.tar", "tensorboard")
     contents = {}
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
