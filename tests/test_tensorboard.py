@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from fake_custom import write_image_folder
+from prestarted import COMMAND as PRESTARTED
 from runs import CIFAR_FAST, CUSTOM_FAST, PREFIX, ROOT, run_script, script_command
 import tensorboard_log
 
@@ -81,8 +82,8 @@ def test_without_the_package_the_flag_is_one_line_and_writes_nothing(tiny_data, 
     out = tmp_path / "run"
     hide = ("import runpy, sys; sys.modules['torch.utils.tensorboard'] = None; sys.argv = sys.argv[1:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
-    cmd = [sys.executable, "-c", hide, os.path.join(ROOT, "Train_cifar.py"), "--data_path", tiny_data("cifar"),
-           "--output_dir", str(out), "--num_epochs", "0", *map(str, CIFAR_FAST), "--tensorboard"]
+    cmd = [sys.executable, PRESTARTED, "-c", hide, os.path.join(ROOT, "Train_cifar.py"), "--data_path",
+           tiny_data("cifar"), "--output_dir", str(out), "--num_epochs", "0", *map(str, CIFAR_FAST), "--tensorboard"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {tensorboard_log.MISSING}"]
     assert not out.exists()
