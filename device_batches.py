@@ -6,7 +6,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 
 def normalise(images, mean, std):
@@ -77,6 +76,9 @@ def random_resized_crop_flip(images, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     roi_align resizes every box to size x size in one call (bilinear, averaging several samples per output pixel
     when it shrinks). Returns float images in the input's scale.
     """
+    # imported here: torchvision.ops takes about 2 s to import, which every training script would pay at start
+    from torchvision.ops import roi_align
+
     n, _, h, w = images.shape
     dev = images.device
     area = h * w * torch.empty(n, tries, device=dev).uniform_(*scale)
