@@ -27,7 +27,7 @@ from distributed import (check_sync_bn, init_distributed, is_main_process, local
                          seed_process, sync_buffers, world_size, wrap_ddp)
 from dividemix import Precision, embed
 from flags import (AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SEED, FlagParser, Range, add_engine_arguments,
-                   add_resume_argument, add_tensorboard_argument, check_flags, defining_args)
+                   add_resume_argument, add_tensorboard_argument, check_flags, defining_args, settings_line)
 from imagelist import BadImages, add_loader_arguments
 from presets import KNN_MONITOR, NUM_CLASSES, SIMCLR_RECIPE, SIMCLR_SOURCE
 from PreResNet import PreActResNet18
@@ -172,9 +172,8 @@ def pretrain(args, run, sources, device):
     defining = defining_args(args, RESUME_MAY_CHANGE)
     resume = run.open_checkpoint(args.resume, defining)
     sync_bn = check_sync_bn(args.sync_bn, device)
-    sources["amp"] = "flag" if args.amp is not None else f"default for {device.type}"
-    precision = Precision.from_args(args, device)
-    print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
+    precision = Precision.from_args(args, device, sources)
+    print(settings_line(args, sources), flush=True)
     seed_process(args.seed)
 
     # ---- data ----------------------------------------------------------------------------------------------

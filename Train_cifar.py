@@ -25,7 +25,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        knn_scores, ood_removal, set_learning_rate)
 from epochs import end_epoch
 from flags import (TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
-                   add_tensorboard_argument, check_flags, defining_args)
+                   add_tensorboard_argument, check_flags, defining_args, settings_line)
 import noise
 from PreResNet import ResNet18
 from presets import (CIFARN_MODES, CIFARN_PRESET, NUM_CLASSES, ORIGINAL_DEFAULTS, WARM_UP, run_prefix,
@@ -268,9 +268,8 @@ def train(args, run, sources, device):
 
     # ---- data ----------------------------------------------------------------------------------------------
     sync_bn = check_sync_bn(args.sync_bn, device)
-    sources["amp"] = "flag" if args.amp is not None else f"default for {device.type}"
-    precision = Precision.from_args(args, device)
-    print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
+    precision = Precision.from_args(args, device, sources)
+    print(settings_line(args, sources), flush=True)
     seed_process(args.seed)
     on_main(cifar_files.ensure_data, args.data_path, args.dataset, args.download)  # one download, by rank 0
     # labels outside 0..num_class-1 (train or test) stop the run here, before the noise file is written

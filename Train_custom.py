@@ -32,7 +32,7 @@ from dividemix import (DivideMixConfig, Precision, co_divide, co_train, co_warmu
                        gmm_summary, predict, set_learning_rate)
 from epochs import BestWeights, end_epoch
 from flags import (NON_NEGATIVE, TRAIN_FLAGS, FlagParser, Range, add_engine_arguments, add_resume_argument,
-                   add_tensorboard_argument, check_flags, defining_args, value_text)
+                   add_tensorboard_argument, check_flags, defining_args, settings_line, value_text)
 from imagelist import add_loader_arguments
 from PreResNet import PreActResNet18
 from run_folder import RunDir, run_config
@@ -298,9 +298,8 @@ def train(args, run, data, sources, device):
                         "differ from those the checkpoint was trained on: pass the data the run was made with, or "
                         "start a new --output_dir")
     sync_bn = check_sync_bn(args.sync_bn, device)
-    sources["amp"] = "flag" if args.amp is not None else f"default for {device.type}"
-    precision = Precision.from_args(args, device)
-    print("settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items()), flush=True)
+    precision = Precision.from_args(args, device, sources)
+    print(settings_line(args, sources), flush=True)
     seed_process(args.seed)
     shard = make_shard(args.seed)
 

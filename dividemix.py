@@ -52,8 +52,11 @@ class Precision:
     channels_last: bool = False
 
     @classmethod
-    def from_args(cls, args, device):
-        """From --amp (None: default_amp of the device, written back to args) and --channels_last."""
+    def from_args(cls, args, device, sources=None):
+        """From --amp (None: default_amp of the device, written back to args) and --channels_last; sources, when
+        given ({flag: where its value came from}), learns where --amp's came from."""
+        if sources is not None:
+            sources["amp"] = "flag" if args.amp is not None else f"default for {device.type}"
         if args.amp is None:
             args.amp = default_amp(device)
         return cls(amp=args.amp, channels_last=args.channels_last)

@@ -171,6 +171,11 @@ def check_flags(args, table):
             check_value(name, value, allowed)
 
 
+def settings_line(args, sources):
+    """The `settings:` line a training script prints at start: each resolved flag's value and where it came from."""
+    return "settings: " + ", ".join(f"{k}={getattr(args, k)} ({v})" for k, v in sources.items())
+
+
 # Flags of every script that never define a run: what is written beside it for watching it.
 WATCHING_FLAGS = ("tensorboard",)
 

@@ -24,19 +24,8 @@ mkdir -p "$out"
 OMP_NUM_THREADS=1 "$py" "$repo/Pretrain_simclr.py" --data_path "$data/all" --output_dir "$out/simclr" --epochs 60 \
     --batch_size 128 --lr 0.125 --warm_epochs 5 --net_width 16 --eval_batch_size 500 --seed 1 > "$out/simclr.log" 2>&1
 
-run_one() {
-    # each run keeps its own noise and replacement files, so parallel runs never race for one
-    local name=$1
-    shift
-    mkdir -p "$out/$name"
-    OMP_NUM_THREADS=1 "$py" "$repo/Train_cifar.py" "$@" "${common[@]}" --output_dir "$out/$name" \
-        --noise_file "$out/$name/noise.json" > "$out/$name.log" 2>&1 || echo "$name failed: see $out/$name.log" >&2
-}
-
-launch() {
-    while (($(jobs -rp | wc -l) >= parallel)); do wait -n; done
-    run_one "$@" &
-}
+# run_one NAME ARGS... and launch NAME ARGS... (at most $parallel at once)
+source "$repo/scripts/evidence_runs.sh"
 
 launch sym80_plain "${sym80[@]}"
 launch sym80_pretrained "${sym80[@]}" --pretrained "$backbone"

@@ -16,19 +16,8 @@ common=(--warm_up 4 --num_epochs 12 --batch_size 32 --eval_batch_size 500 --seed
 asym=(--data_path "$data/all" --noise_mode asym --r 0.4)
 open=(--data_path "$data/open" --noise_mode sym --r 0.2 --ood_ratio 0.2 --ood_path "$data/open_ood.npz")
 
-run_one() {
-    # each run keeps its own noise and replacement files, so parallel runs never race for one
-    local name=$1
-    shift
-    mkdir -p "$out/$name"
-    OMP_NUM_THREADS=1 "$py" "$repo/Train_cifar.py" "$@" "${common[@]}" --output_dir "$out/$name" \
-        --noise_file "$out/$name/noise.json" > "$out/$name.log" 2>&1 || echo "$name failed: see $out/$name.log" >&2
-}
-
-launch() {
-    while (($(jobs -rp | wc -l) >= parallel)); do wait -n; done
-    run_one "$@" &
-}
+# run_one NAME ARGS... and launch NAME ARGS... (at most $parallel at once)
+source "$repo/scripts/evidence_runs.sh"
 
 launch asym_global "${asym[@]}"
 launch asym_classwise "${asym[@]}" --division classwise

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -22,7 +23,8 @@ from device_batches import (JITTER_KINDS, apply_jitter, jitter_draws, random_gra
 from dividemix import Precision, embed, knn_scores, ood_removal
 from fake_custom import write_image_folder
 from PreResNet import ResNet18
-from runs import CIFAR_FAST, CUSTOM_FAST, LARGE_ON_DISK, json_records, run_script, run_torchrun, script_command
+from runs import (CIFAR_FAST, CUSTOM_FAST, LARGE_ON_DISK, assert_same_run, json_records, run_script, run_torchrun,
+                  script_command)
 from simclr import SimCLRConfig, knn_accuracy, learning_rate, nt_xent
 import Train_cifar
 import Train_custom
@@ -244,11 +246,9 @@ def test_pretraining_logs_loss_and_knn_accuracy_and_writes_the_backbone(pretrain
 
 @pytest.mark.slow
 def test_a_resumed_pretraining_ends_as_the_undisturbed_one(pretraining, tiny_data, tmp_path):
-    from runs import assert_same_run
     out = tmp_path / "run"
     args = ["--data_path", tiny_data("cifar"), "--output_dir", out, *TINY]
     fault = script_command("tests/fault_launch.py", os.path.join(ROOT, "Pretrain_simclr.py"), *args)
-    import subprocess
     proc = subprocess.run(fault, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "FAULT": "enospc:2"})
     assert proc.returncode == 2 and "the checkpoint of epoch 0" in proc.stderr  # epoch 1's could not be written
     proc = run_script("Pretrain_simclr.py", *args, "--resume")
